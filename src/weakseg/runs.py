@@ -1,0 +1,235 @@
+"""Run-directory contract: one folder per stage, resolved config, metrics, completion marker.
+
+runs/<name>/
+    run.json                   git SHA, versions, seed, command line
+    <stage>/config.yaml        the resolved config the stage ran with
+    <stage>/metrics.json       the stage's final metrics
+    <stage>/metrics.jsonl      its log (one JSON record per step / epoch)
+    <stage>/done.json          completion marker: fingerprint, file count, checksum; written last
+
+A stage is skipped only if its marker exists, its fingerprint (its config sections plus its upstream
+markers) is unchanged, and the files it lists still match the recorded checksum. Otherwise it is redone;
+partial work left by a killed run (per-image files, training checkpoints) is resumed when the
+fingerprint of the interrupted attempt matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from weakseg import dist
+from weakseg.config import PipelineCfg, dump_yaml, to_dict
+from weakseg.io import append_jsonl, read_json, write_json, write_text
+
+STAGES = ["train-cls", "cams", "masks", "train-seg", "evaluate"]
+# Config sections each stage depends on (besides its upstream stages' outputs).
+STAGE_SECTIONS = {
+    "train-cls": ["seed", "data", "train_cls"],
+    "cams": ["cams"],
+    "masks": ["masks"],
+    "train-seg": ["seed", "train_seg"],
+    "evaluate": ["evaluate"],
+}
+UPSTREAM = {
+    "train-cls": [],
+    "cams": ["train-cls"],
+    "masks": ["cams"],
+    "train-seg": ["masks"],
+    "evaluate": ["train-cls", "cams", "masks", "train-seg"],
+}
+# Files that are logs or resume state rather than products: not part of the checksum.
+_NOT_PRODUCTS = {"done.json", "metrics.jsonl", "attempt.json"}
+_NOT_PRODUCT_DIRS = {"checkpoints", "tb"}
+
+
+class StageError(RuntimeError):
+    pass
+
+
+def git_sha() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        if sha.returncode == 0:
+            return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def environment_info() -> dict[str, Any]:
+    import numpy
+    import timm
+    import torchvision
+
+    from weakseg import __version__
+
+    return {
+        "weakseg": __version__,
+        "git_sha": git_sha(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "world_size": dist.get_world_size(),
+    }
+
+
+def stage_fingerprint(cfg: PipelineCfg, stage: str) -> str:
+    """Hash of the stage's config sections plus the checksums of its upstream stages' markers."""
+    tree = to_dict(cfg)
+    own = {k: tree[k] for k in STAGE_SECTIONS[stage]}
+    upstream = {}
+    for up in UPSTREAM[stage]:
+        marker = cfg.run_dir / up / "done.json"
+        upstream[up] = read_json(marker)["checksum"] if marker.exists() else None
+    blob = json.dumps({"stage": stage, "config": own, "upstream": upstream}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def product_files(stage_dir: Path) -> list[Path]:
+    files = []
+    for root, dirs, names in os.walk(stage_dir):
+        dirs[:] = sorted(d for d in dirs if d not in _NOT_PRODUCT_DIRS)
+        for n in sorted(names):
+            if n in _NOT_PRODUCTS or n.endswith(".tmp"):
+                continue
+            files.append(Path(root) / n)
+    return files
+
+
+def checksum_files(stage_dir: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    files = product_files(stage_dir)
+    for p in files:
+        h.update(str(p.relative_to(stage_dir)).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return len(files), h.hexdigest()
+
+
+def stage_is_done(cfg: PipelineCfg, stage: str) -> tuple[bool, str]:
+    """(done?, reason) — verifies fingerprint, file count and checksum, so corrupt output is never trusted."""
+    sdir = cfg.run_dir / stage
+    marker = sdir / "done.json"
+    if not marker.exists():
+        return False, "no completion marker"
+    try:
+        info = read_json(marker)
+    except (json.JSONDecodeError, OSError):
+        return False, "completion marker unreadable"
+    if info.get("fingerprint") != stage_fingerprint(cfg, stage):
+        return False, "config or upstream outputs changed"
+    count, digest = checksum_files(sdir)
+    if count != info.get("files") or digest != info.get("checksum"):
+        return False, f"outputs changed or incomplete ({count} files, marker says {info.get('files')})"
+    return True, "up to date"
+
+
+@dataclass
+class StageContext:
+    """What a stage function receives: the config, its own folder, the device and a logger."""
+
+    cfg: PipelineCfg
+    stage: str
+    device: torch.device
+    out: Path = field(init=False)
+    _tb: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.out = self.cfg.run_dir / self.stage
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+    def upstream(self, stage: str) -> Path:
+        d = self.run_dir / stage
+        if not (d / "done.json").exists():
+            raise StageError(f"stage {self.stage!r} needs the output of {stage!r}, which has not completed in "
+                             f"{self.run_dir}; run `weakseg {stage}` (or `weakseg run`) first")
+        return d
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append to metrics.jsonl (and TensorBoard if installed); rank 0 only."""
+        if not dist.is_main_process():
+            return
+        record = {"time": round(time.time(), 3), **record}
+        append_jsonl(self.out / "metrics.jsonl", record)
+        tb = self._tensorboard()
+        if tb is not None and "step" in record:
+            for k, v in record.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    tb.add_scalar(f"{self.stage}/{k}", v, record["step"])
+            tb.flush()
+
+    def _tensorboard(self):
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tb = False
+                return None
+            self._tb = SummaryWriter(log_dir=str(self.out / "tb"))
+        return self._tb or None
+
+    def close(self) -> None:
+        if self._tb:
+            self._tb.close()
+        self._tb = None
+
+
+def begin_stage(cfg: PipelineCfg, stage: str) -> None:
+    """Prepare the stage folder: keep a killed attempt's partial work only if it ran with the same fingerprint."""
+    sdir = cfg.run_dir / stage
+    fp = stage_fingerprint(cfg, stage)
+    attempt = sdir / "attempt.json"
+    if dist.is_main_process():
+        if sdir.exists():
+            same = attempt.exists() and read_json(attempt).get("fingerprint") == fp
+            if not same:
+                shutil.rmtree(sdir)
+            else:
+                (sdir / "done.json").unlink(missing_ok=True)
+        sdir.mkdir(parents=True, exist_ok=True)
+        write_json(attempt, {"fingerprint": fp, "started": time.time()})
+        write_text(sdir / "config.yaml", dump_yaml(cfg))
+    dist.barrier()
+
+
+def finish_stage(cfg: PipelineCfg, stage: str, metrics: dict[str, Any]) -> None:
+    """Write metrics.json, then the completion marker (last)."""
+    sdir = cfg.run_dir / stage
+    if dist.is_main_process():
+        write_json(sdir / "metrics.json", metrics)
+        count, digest = checksum_files(sdir)
+        write_json(sdir / "done.json", {"fingerprint": stage_fingerprint(cfg, stage), "files": count,
+                                        "checksum": digest, "finished": time.time()})
+    dist.barrier()
+
+
+def write_run_info(cfg: PipelineCfg, argv: Optional[list[str]] = None) -> None:
+    if not dist.is_main_process():
+        return
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    info = {"name": cfg.name, "seed": cfg.seed, "argv": argv or sys.argv, **environment_info()}
+    write_json(cfg.run_dir / "run.json", info)
+    write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
