@@ -33,18 +33,21 @@ class DataCfg:
     label_mode: str = "binary"  # pet: binary | species | breeds
     trimap_border: str = "ignore"  # pet: ignore | pet | background
     on_error: str = "raise"  # raise | skip (recorded in the run directory)
+    # Relative paths below (labels_csv, masks_dir, classes_file, cls_labels, background_dir) are relative to root.
+    cls_labels: str = ""  # voc/coco: WeakTr-style cls_labels.npy (dict id -> multi-hot); "" = XML (voc) / auto (coco)
     max_images: int = 0  # 0 = all; otherwise a deterministic prefix of each split (for quick runs)
     # Built-in demo dataset (generated procedurally from `seed`).
     demo_train: int = 400
     demo_test: int = 100
     demo_size: int = 128
     demo_seed: int = 0
-    # Folder dataset
+    # Folder dataset (masks_dir is also the voc/coco mask folder: "" = SegmentationClass / voc_format/class_labels)
     labels_csv: str = ""
     masks_dir: str = ""
     classes_file: str = ""
     # Extra object-free images added to classifier training as negatives (Ensembled-WSSS "bg" setting)
     background_dir: str = ""
+    background_masks: bool = False  # also give them all-background masks (has_mask True)
 
 
 @dataclass
@@ -101,6 +104,9 @@ class SegTrainCfg:
     num_workers: int = 0
     gt_ratio: float = 0.0  # fixed seeded fraction of train images whose GT masks replace pseudo-masks
     checkpoint_every: int = 0
+    infer_size: int = 0  # longer image side at inference; 0 = crop_size
+    infer_scales: list[float] = field(default_factory=lambda: [1.0])
+    infer_flip: bool = False
 
 
 @dataclass

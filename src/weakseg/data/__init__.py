@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from weakseg.config import DataCfg
 from weakseg.data.base import DataError, Subset, WeakSegDataset, check_mask
+from weakseg.data.background import WithBackgroundImages
 from weakseg.data.demo import DEMO_CLASSES, DemoDataset
+from weakseg.data.files import config_path, drop_bad_samples
 
 
 def _build_demo(cfg: DataCfg, split: str) -> WeakSegDataset:
@@ -18,12 +23,18 @@ def _build_demo(cfg: DataCfg, split: str) -> WeakSegDataset:
     return DemoDataset(split, n, cfg.demo_seed, cfg.demo_size)
 
 
-# name -> builder(cfg, split) -> dataset. Real-data builders register themselves in their modules below.
+# name -> builder(cfg, split) -> dataset. The real-data builders are added at the bottom of this module.
 DATASETS: dict[str, Callable[[DataCfg, str], WeakSegDataset]] = {"demo": _build_demo}
 
 
-def build_dataset(cfg: DataCfg, split: str) -> WeakSegDataset:
-    """Build split `split` of the dataset named by ``cfg.name``; honours ``cfg.max_images``."""
+def build_dataset(cfg: DataCfg, split: str, validate: bool = True) -> WeakSegDataset:
+    """Build split `split` of the dataset named by ``cfg.name``.
+
+    Steps: the builder (cheap checks: ids, label files, files exist) -> ``cfg.max_images`` prefix -> the
+    ``cfg.background_dir`` images appended when `split` is ``cfg.train_split`` -> with ``on_error="skip"``
+    and `validate`, every sample is decoded once and bad ones are dropped into ``ds.skipped`` (the result
+    is cached per process). With ``on_error="raise"`` decoding errors surface on access, naming the file.
+    """
     try:
         builder = DATASETS[cfg.name]
     except KeyError:
@@ -33,7 +44,36 @@ def build_dataset(cfg: DataCfg, split: str) -> WeakSegDataset:
         raise DataError(f"dataset {cfg.name!r} split {split!r} under {cfg.root or '(built-in)'} is empty")
     if cfg.max_images and len(ds) > cfg.max_images:
         ds = Subset(ds, list(range(cfg.max_images)))
+    if cfg.background_dir and split == cfg.train_split:
+        root = Path(cfg.root) if cfg.root else Path(".")
+        ds = WithBackgroundImages(ds, config_path(root, cfg.background_dir), cfg.background_masks, cfg.on_error)
+    if cfg.on_error == "skip" and validate:
+        ds = _drop_bad_samples_cached(cfg, split, ds)
+        if len(ds) == 0:
+            raise DataError(f"dataset {cfg.name!r} split {split!r} under {cfg.root}: every sample was skipped "
+                            f"as bad ({len(ds.skipped)} problems)")
     return ds
+
+
+# (config, split) -> (ids checked, indices kept, problems found) of `drop_bad_samples`, per process.
+_VALIDATED: dict[tuple[str, str], tuple[list[str], list[int], list[dict]]] = {}
+
+
+def _drop_bad_samples_cached(cfg: DataCfg, split: str, ds: WeakSegDataset) -> WeakSegDataset:
+    key = (json.dumps(dataclasses.asdict(cfg), sort_keys=True), split)
+    cached = _VALIDATED.get(key)
+    if cached is None or cached[0] != ds.ids:
+        checked = drop_bad_samples(ds)
+        kept = list(checked.indices) if checked is not ds else list(range(len(ds)))
+        new_problems = checked.skipped[len(ds.skipped):] if checked is not ds else []
+        _VALIDATED[key] = (list(ds.ids), kept, new_problems)
+        return checked
+    _, kept, new_problems = cached
+    if not new_problems:
+        return ds
+    sub = Subset(ds, kept)
+    sub.skipped = list(ds.skipped) + new_problems
+    return sub
 
 
 def train_val_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -48,6 +88,14 @@ def train_val_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int]
 
 
 __all__ = [
-    "DATASETS", "DEMO_CLASSES", "DataError", "DemoDataset", "Subset", "WeakSegDataset", "build_dataset",
-    "check_mask", "train_val_indices",
+    "DATASETS", "DEMO_CLASSES", "DataError", "DemoDataset", "Subset", "WeakSegDataset", "WithBackgroundImages",
+    "build_dataset", "check_mask", "drop_bad_samples", "train_val_indices",
 ]
+
+# Real-data builders, registered explicitly.
+from weakseg.data.coco import build_coco  # noqa: E402
+from weakseg.data.folder import build_folder  # noqa: E402
+from weakseg.data.pet import build_pet  # noqa: E402
+from weakseg.data.voc import build_voc  # noqa: E402
+
+DATASETS.update(voc=build_voc, pet=build_pet, coco=build_coco, folder=build_folder)

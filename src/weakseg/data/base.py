@@ -8,7 +8,11 @@ import numpy as np
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file and the problem."""
+    """Bad input data; the message names the file and the problem (`file` holds that path when known)."""
+
+    def __init__(self, message: str, file: object = None):
+        super().__init__(message)
+        self.file = None if file is None else str(file)
 
 
 class WeakSegDataset:
@@ -20,6 +24,15 @@ class WeakSegDataset:
 
     class_names: list[str]  # index 0 = "background"
     ids: list[str]
+
+    @property
+    def skipped(self) -> list[dict]:
+        """Samples removed under ``on_error="skip"``: dicts {id, file, problem} (empty if none)."""
+        return self.__dict__.get("_skipped", [])
+
+    @skipped.setter
+    def skipped(self, value: list[dict]) -> None:
+        self.__dict__["_skipped"] = list(value)
 
     @property
     def num_classes(self) -> int:
@@ -48,7 +61,8 @@ class WeakSegDataset:
         return self.ids[i]
 
     def describe(self) -> dict:
-        return {"type": type(self).__name__, "num_images": len(self), "classes": self.class_names}
+        return {"type": type(self).__name__, "num_images": len(self), "classes": self.class_names,
+                "num_skipped": len(self.skipped)}
 
 
 class Subset(WeakSegDataset):
@@ -59,6 +73,7 @@ class Subset(WeakSegDataset):
         self.indices = list(indices)
         self.class_names = base.class_names
         self.ids = [base.ids[i] for i in self.indices]
+        self.skipped = base.skipped
 
     def image(self, i: int) -> np.ndarray:
         return self.base.image(self.indices[i])
@@ -74,6 +89,11 @@ class Subset(WeakSegDataset):
 
     def source(self, i: int) -> str:
         return self.base.source(self.indices[i])
+
+    def describe(self) -> dict:
+        info = self.base.describe()
+        info.update(num_images=len(self), num_skipped=len(self.skipped), subset_of=info.get("num_images"))
+        return info
 
 
 def check_mask(mask: np.ndarray, image_shape: tuple[int, ...], num_classes: int, where: str) -> np.ndarray:

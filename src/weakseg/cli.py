@@ -1,0 +1,113 @@
+"""Thin command-line interface: `weakseg <command> ...`. All logic lives in the library modules."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from weakseg.runs import STAGES
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train_cls.epochs=3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="weakseg", description="Weakly-supervised semantic segmentation from "
+                                     "image-level labels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the whole pipeline (skips up-to-date stages)")
+    _add_config_args(p)
+    p.add_argument("--from", dest="from_stage", choices=STAGES, help="force this stage and all that follow")
+    p.add_argument("--dry-run", action="store_true", help="validate the config and show what would run")
+
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run only the {stage} stage")
+        _add_config_args(p)
+        p.add_argument("--force", action="store_true", help="redo the stage even if it is up to date")
+
+    p = sub.add_parser("predict", help="write one palette PNG label map per input image")
+    p.add_argument("--run", required=True, help="run directory (runs/<name>)")
+    p.add_argument("--images", required=True, help="folder of input images")
+    p.add_argument("--out", required=True, help="output folder for <stem>.png label maps")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    c = dsub.add_parser("check", help="scan a dataset and report classes, counts and every problem found")
+    _add_config_args(c)
+
+    p = sub.add_parser("demo-data", help="write a split of the built-in demo dataset to disk")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="test", choices=["train", "test", "val"])
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128)
+
+    p = sub.add_parser("config", help="print the resolved config")
+    _add_config_args(p)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from weakseg.config import ConfigError, dump_yaml, load_config
+    from weakseg.data.base import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from weakseg.evaluate.stage import format_summary
+            from weakseg.pipeline import run_pipeline
+
+            cfg = load_config(args.config, args.overrides)
+            results = run_pipeline(cfg, from_stage=args.from_stage, dry_run=args.dry_run)
+            _print_summary(cfg, format_summary)
+            return 0 if results else 1
+        if args.command in STAGES:
+            from weakseg.pipeline import run_stages
+
+            cfg = load_config(args.config, args.overrides)
+            run_stages(cfg, [args.command], force={args.command} if args.force else set())
+            return 0
+        if args.command == "predict":
+            from weakseg.predict import predict_folder
+
+            written = predict_folder(args.run, args.images, args.out, args.device)
+            print(f"wrote {len(written)} label maps to {args.out}")
+            return 0
+        if args.command == "data":
+            from weakseg.data.check import check_dataset, format_check_report
+
+            cfg = load_config(args.config, args.overrides)
+            report = check_dataset(cfg)
+            print(format_check_report(report))
+            return 1 if report.get("problems") else 0
+        if args.command == "demo-data":
+            from weakseg.data.demo import write_demo_split
+
+            out = write_demo_split(args.out, args.split, args.n, args.seed, args.size)
+            print(f"wrote {args.n} demo images, masks and labels.csv to {out}")
+            return 0
+        if args.command == "config":
+            print(dump_yaml(load_config(args.config, args.overrides)), end="")
+            return 0
+    except (ConfigError, DataError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"weakseg: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _print_summary(cfg, format_summary) -> None:
+    from weakseg import dist
+    from weakseg.io import read_json
+
+    summary = cfg.run_dir / "evaluate" / "summary.json"
+    if dist.is_main_process() and summary.exists():
+        print("\n" + format_summary(read_json(summary)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Metrics (dataset-pooled confusion matrix), the `evaluate` stage, reports."""

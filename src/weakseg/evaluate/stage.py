@@ -1,0 +1,195 @@
+"""Stage `evaluate`: score CAMs, pseudo-masks and the segmentation model against pixel ground truth.
+
+This is the only stage that reads pixel labels (evaluation only; nothing here feeds back into training).
+  - CAMs on the training images that have GT: mIoU for every background threshold in the sweep, the
+    best one (an oracle, labelled as such) and the label-free threshold the masks stage used;
+  - pseudo-masks on the same images;
+  - the segmentation model on the evaluation split, next to two baselines on that split:
+    all-background, and the raw CAM of the classifier thresholded at the masks stage's threshold.
+All numbers are dataset-pooled (confusion matrix over all pixels, 255 ignored).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from weakseg import dist
+from weakseg.cams.generate import CamInputs, build_generator, cam_input_size, finalize_cam, present_classes
+from weakseg.data import build_dataset
+from weakseg.data.base import WeakSegDataset
+from weakseg.evaluate.metrics import ConfusionMatrix, PerImageMeter, summarize_binary
+from weakseg.io import load_cam, load_label_png, read_json, write_json
+from weakseg.masks.makers import threshold_labels
+from weakseg.masks.stage import upsample_cam
+from weakseg.runs import StageContext
+
+
+def _masked_indices(ds: WeakSegDataset) -> list[int]:
+    return [i for i in range(len(ds)) if ds.has_mask(i)]
+
+
+def _summary(cm: ConfusionMatrix) -> dict:
+    cm.reduce_across_ranks()
+    m = cm.compute()
+    if cm.num_classes == 2:
+        m["binary"] = summarize_binary(m, positive=cm.class_names[1], negative=cm.class_names[0])
+    return m
+
+
+def evaluate_cams(ctx: StageContext, ds: WeakSegDataset, indices: list[int], thresholds: list[float],
+                  chosen: float) -> dict:
+    cam_dir = ctx.upstream("cams") / "cams"
+    sweep = {t: ConfusionMatrix(ds.num_classes, ds.class_names) for t in thresholds}
+    at_chosen = ConfusionMatrix(ds.num_classes, ds.class_names)
+    per_image = []
+    for i in tqdm(dist.shard(indices), desc="eval cams", disable=not dist.is_main_process(), dynamic_ncols=True):
+        cam, classes, size = load_cam(cam_dir / f"{ds.ids[i]}.npz")
+        gt = ds.mask(i)
+        up = upsample_cam(cam, size)
+        for t, cm in sweep.items():
+            cm.update(gt, threshold_labels(up, classes, t))
+        pred = threshold_labels(up, classes, chosen)
+        at_chosen.update(gt, pred)
+        one = ConfusionMatrix(ds.num_classes)
+        one.update(gt, pred)
+        per_image.append((ds.ids[i], one.compute()["mIoU"]))
+    curve = []
+    for t, cm in sweep.items():
+        cm.reduce_across_ranks()
+        curve.append({"threshold": t, "mIoU": cm.compute()["mIoU"]})
+    best = max(curve, key=lambda r: -1 if np.isnan(r["mIoU"]) else r["mIoU"])
+    return {
+        "images": len(indices),
+        "threshold_used": chosen,
+        "at_threshold_used": _summary(at_chosen),
+        "sweep": curve,
+        "best_threshold_oracle": best["threshold"],
+        "best_mIoU_oracle": best["mIoU"],
+        "oracle_note": "best threshold chosen with pixel GT: an optimistic upper bound, never used by the pipeline",
+        "per_image_mIoU": per_image,
+    }
+
+
+def evaluate_masks(ctx: StageContext, ds: WeakSegDataset, indices: list[int]) -> dict:
+    mask_dir = ctx.upstream("masks") / "masks"
+    cm = ConfusionMatrix(ds.num_classes, ds.class_names)
+    per = PerImageMeter(ds.num_classes, ds.class_names)
+    per_image = []
+    for i in dist.shard(indices):
+        gt, pred = ds.mask(i), load_label_png(mask_dir / f"{ds.ids[i]}.png")
+        pred = np.where(pred == 255, 0, pred)  # ignored pseudo-label pixels count as background when scored
+        cm.update(gt, pred)
+        per.update(gt, pred)
+        one = ConfusionMatrix(ds.num_classes)
+        one.update(gt, pred)
+        per_image.append((ds.ids[i], one.compute()["mIoU"]))
+    out = _summary(cm)
+    out["per_image_average"] = per.compute()
+    out["per_image_mIoU"] = per_image
+    return out
+
+
+def evaluate_segmentation(ctx: StageContext, eval_ds: WeakSegDataset, chosen_threshold: float) -> dict:
+    """Segmentation model vs baselines (all-background; raw CAM threshold) on the evaluation split."""
+    from weakseg.train.classifier import load_classifier
+    from weakseg.train.segmentation import load_seg_model, predictor_for
+
+    indices = _masked_indices(eval_ds)
+    if not indices:
+        return {"skipped": f"split {ctx.cfg.data.eval_split!r} has no pixel GT"}
+    predictor = predictor_for(ctx, load_seg_model(ctx, eval_ds.num_classes))
+    generator = build_generator(ctx, load_classifier(ctx))
+    size = cam_input_size(ctx)
+    seg = ConfusionMatrix(eval_ds.num_classes, eval_ds.class_names)
+    seg_per = PerImageMeter(eval_ds.num_classes, eval_ds.class_names)
+    background = ConfusionMatrix(eval_ds.num_classes, eval_ds.class_names)
+    cam_base = ConfusionMatrix(eval_ds.num_classes, eval_ds.class_names)
+    cam_inputs = CamInputs(eval_ds, indices, size)
+    per_image = []
+    for k, i in enumerate(tqdm(indices, desc="eval seg", disable=not dist.is_main_process(), dynamic_ncols=True)):
+        if k % dist.get_world_size() != dist.get_rank():
+            continue
+        image, gt = eval_ds.image(i), eval_ds.mask(i)
+        pred = predictor.labels(image)
+        seg.update(gt, pred)
+        seg_per.update(gt, pred)
+        one = ConfusionMatrix(eval_ds.num_classes)
+        one.update(gt, pred)
+        per_image.append((eval_ds.ids[i], one.compute()["mIoU"]))
+        background.update(gt, np.zeros_like(gt))
+        x = cam_inputs[k][0][None].to(ctx.device)
+        logits, cams = generator(x)
+        classes = present_classes(None, logits[0])
+        cam = finalize_cam(cams[0], classes, gt.shape)
+        cam_base.update(gt, threshold_labels(cam, classes + 1, chosen_threshold))
+    out = _summary(seg)
+    out["per_image_average"] = seg_per.compute()
+    out["per_image_mIoU"] = per_image
+    return {
+        "split": ctx.cfg.data.eval_split,
+        "images": len(indices),
+        "segmentation": out,
+        "baseline_all_background": _summary(background),
+        "baseline_cam_threshold": {**_summary(cam_base), "note": "classifier-predicted labels, raw CAM, "
+                                   f"background threshold {chosen_threshold:.3f}"},
+    }
+
+
+def headline(m: dict) -> float:
+    if "binary" in m:
+        return m["binary"][f"{m['binary']['positive_class']}_IoU"]
+    return m["mIoU"]
+
+
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.cfg
+    train_ds = build_dataset(cfg.data, cfg.data.train_split)
+    masked = _masked_indices(train_ds)
+    chosen = read_json(ctx.upstream("masks") / "metrics.json").get("bg_threshold")
+    chosen = 0.5 if chosen is None else float(chosen)
+    metrics: dict = {"convention": "dataset-pooled confusion matrix over all pixels, ignore_index=255; "
+                                   "per-image averages are labelled per_image_average"}
+    if masked:
+        metrics["cams"] = evaluate_cams(ctx, train_ds, masked, cfg.evaluate.thresholds, chosen)
+        metrics["pseudo_masks"] = evaluate_masks(ctx, train_ds, masked)
+    else:
+        metrics["cams"] = metrics["pseudo_masks"] = {"skipped": "no training image has a GT mask"}
+    try:
+        eval_ds = build_dataset(cfg.data, cfg.data.eval_split)
+    except Exception as e:  # e.g. a withheld split: say so, do not fail the run
+        metrics["segmentation"] = {"skipped": f"evaluation split unavailable: {e}"}
+    else:
+        metrics["segmentation"] = evaluate_segmentation(ctx, eval_ds, chosen)
+    metrics["summary"] = summary_rows(metrics)
+    if dist.is_main_process():
+        write_json(ctx.out / "summary.json", metrics["summary"])
+    return metrics
+
+
+def summary_rows(metrics: dict) -> list[dict]:
+    rows = []
+    cams, masks, seg = metrics.get("cams", {}), metrics.get("pseudo_masks", {}), metrics.get("segmentation", {})
+    if "at_threshold_used" in cams:
+        rows.append({"what": "CAM (train images with GT, label-free threshold)",
+                     "mIoU": cams["at_threshold_used"]["mIoU"], "threshold": cams["threshold_used"]})
+        rows.append({"what": "CAM (train, oracle threshold — uses GT)", "mIoU": cams["best_mIoU_oracle"],
+                     "threshold": cams["best_threshold_oracle"]})
+    if "mIoU" in masks:
+        rows.append({"what": "pseudo-masks (train images with GT)", "mIoU": masks["mIoU"]})
+    if "segmentation" in seg:
+        split = seg["split"]
+        rows.append({"what": f"segmentation model ({split})", "mIoU": seg["segmentation"]["mIoU"]})
+        rows.append({"what": f"baseline: all background ({split})", "mIoU": seg["baseline_all_background"]["mIoU"]})
+        rows.append({"what": f"baseline: raw CAM threshold ({split})", "mIoU": seg["baseline_cam_threshold"]["mIoU"]})
+    return rows
+
+
+def format_summary(rows: list[dict]) -> str:
+    width = max([len(r["what"]) for r in rows] + [10])
+    lines = [f"{'result':<{width}}  {'mIoU':>6}", f"{'-' * width}  {'-' * 6}"]
+    for r in rows:
+        extra = f"  (t={r['threshold']:.2f})" if "threshold" in r else ""
+        lines.append(f"{r['what']:<{width}}  {100 * r['mIoU']:6.2f}{extra}")
+    return "\n".join(lines)

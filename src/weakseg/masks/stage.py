@@ -1,0 +1,79 @@
+"""Stage `masks`: CAMs -> pseudo-mask PNGs, with a background threshold chosen without pixel labels."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from weakseg import dist
+from weakseg.data import build_dataset
+from weakseg.io import load_cam, save_label_png
+from weakseg.masks.makers import build_mask_maker, otsu_threshold
+from weakseg.runs import StageContext, StageError
+
+
+def upsample_cam(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(K, h, w) -> (K, H, W) bilinear, clipped to [0, 1]."""
+    if cam.shape[0] == 0:
+        return np.zeros((0, *size), dtype=np.float32)
+    t = F.interpolate(torch.from_numpy(cam)[None], size=size, mode="bilinear", align_corners=False)[0]
+    return t.clamp_(0, 1).numpy()
+
+
+def cam_histogram(cam_dir, ids: list[str], bins: int = 100) -> np.ndarray:
+    """Pooled histogram of each pixel's top CAM score over `ids` (images with no class are skipped)."""
+    hist = np.zeros(bins, dtype=np.int64)
+    for sid in ids:
+        cam, _, _ = load_cam(cam_dir / f"{sid}.npz")
+        if cam.shape[0]:
+            hist += np.histogram(cam.max(axis=0), bins=bins, range=(0.0, 1.0))[0]
+    return hist
+
+
+def choose_threshold(cfg_threshold: float, cam_dir, ids: list[str]) -> tuple[float, str]:
+    if cfg_threshold >= 0:
+        return cfg_threshold, "fixed (config masks.bg_threshold)"
+    return otsu_threshold(cam_histogram(cam_dir, ids)), "label-free: Otsu on the pooled top-CAM histogram"
+
+
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.cfg
+    ds = build_dataset(cfg.data, cfg.data.train_split)
+    cam_dir = ctx.upstream("cams") / "cams"
+    out_dir = ctx.out / "masks"
+    maker = build_mask_maker(cfg.masks)
+    rule = "n/a"
+    if maker.needs_threshold:
+        threshold, rule = choose_threshold(cfg.masks.bg_threshold, cam_dir, ds.ids) if dist.is_main_process() \
+            else (0.0, "")
+        threshold, rule = dist.broadcast_object((threshold, rule))
+        maker.bg_threshold = threshold
+    todo = [i for i in dist.shard(list(range(len(ds)))) if not (out_dir / f"{ds.ids[i]}.png").exists()]
+    t0 = time.time()
+    fg_fraction = []
+    for i in tqdm(todo, desc="masks", disable=not dist.is_main_process(), dynamic_ncols=True):
+        cam, classes, size = load_cam(cam_dir / f"{ds.ids[i]}.npz")
+        image = ds.image(i)
+        if tuple(image.shape[:2]) != tuple(size):
+            raise StageError(f"{ds.source(i)}: image is {image.shape[1]}x{image.shape[0]} but its CAM was made "
+                             f"for {size[1]}x{size[0]}")
+        mask = maker.make(upsample_cam(cam, size), classes, image)
+        save_label_png(out_dir / f"{ds.ids[i]}.png", mask)
+        fg_fraction.append(float(((mask > 0) & (mask < 255)).mean()))
+    seconds = time.time() - t0
+    dist.barrier()
+    missing = [sid for sid in ds.ids if not (out_dir / f"{sid}.png").exists()]
+    if missing:
+        raise StageError(f"masks: {len(missing)} pseudo-masks missing, e.g. {missing[:5]}")
+    return {
+        "method": cfg.masks.method,
+        "bg_threshold": maker.bg_threshold if maker.needs_threshold else None,
+        "threshold_rule": rule,
+        "images": len(ds),
+        "mean_foreground_fraction_this_attempt": float(np.mean(fg_fraction)) if fg_fraction else None,
+        "seconds": round(seconds, 1),
+    }

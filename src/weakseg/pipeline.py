@@ -1,0 +1,79 @@
+"""Runs stages in order, skipping the ones whose outputs are complete and up to date."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+from tqdm import tqdm
+
+from weakseg import dist
+from weakseg.config import PipelineCfg
+from weakseg.runs import STAGES, StageContext, begin_stage, finish_stage, stage_is_done, write_run_info
+
+
+def _stage_functions() -> dict[str, Callable[[StageContext], dict]]:
+    from weakseg.cams import generate
+    from weakseg.evaluate import stage as evaluate
+    from weakseg.masks import stage as masks
+    from weakseg.train import classifier, segmentation
+
+    return {
+        "train-cls": classifier.run,
+        "cams": generate.run,
+        "masks": masks.run,
+        "train-seg": segmentation.run,
+        "evaluate": evaluate.run,
+    }
+
+
+def run_stages(cfg: PipelineCfg, stages: list[str], force: Optional[set[str]] = None,
+               dry_run: bool = False) -> dict[str, dict]:
+    """Run `stages` in pipeline order. A stage in `force` (or after a redone one) is redone."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; valid stages: {', '.join(STAGES)}")
+    device = dist.resolve_device(cfg.device)
+    dist.init_from_env(device)
+    force = set(force or ())
+    results: dict[str, dict] = {}
+    funcs = _stage_functions()
+    if not dry_run:
+        write_run_info(cfg)
+    for stage in [s for s in STAGES if s in stages]:
+        done, reason = stage_is_done(cfg, stage)
+        if done and stage not in force:
+            _say(f"[{stage}] skipped: {reason}")
+            results[stage] = {"status": "skipped"}
+            continue
+        if dry_run:
+            _say(f"[{stage}] would run ({'forced' if stage in force else reason})")
+            results[stage] = {"status": "would run"}
+            continue
+        _say(f"[{stage}] running ({'forced' if stage in force else reason}) -> {cfg.run_dir / stage}")
+        begin_stage(cfg, stage)
+        ctx = StageContext(cfg, stage, device)
+        t0 = time.time()
+        try:
+            metrics = funcs[stage](ctx)
+        finally:
+            ctx.close()
+        metrics["stage_seconds"] = round(time.time() - t0, 1)
+        finish_stage(cfg, stage, metrics)
+        results[stage] = {"status": "ran", "metrics": metrics}
+        _say(f"[{stage}] done in {metrics['stage_seconds']} s")
+    return results
+
+
+def run_pipeline(cfg: PipelineCfg, from_stage: Optional[str] = None, dry_run: bool = False) -> dict[str, dict]:
+    force: set[str] = set()
+    if from_stage is not None:
+        if from_stage not in STAGES:
+            raise ValueError(f"--from {from_stage!r} is not a stage; valid stages: {', '.join(STAGES)}")
+        force = set(STAGES[STAGES.index(from_stage):])
+    return run_stages(cfg, STAGES, force=force, dry_run=dry_run)
+
+
+def _say(msg: str) -> None:
+    if dist.is_main_process():
+        tqdm.write(msg)

@@ -1,0 +1,54 @@
+"""`weakseg predict`: one palette PNG label map per input image (same stem, same size as the input)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from weakseg import dist
+from weakseg.config import load_config
+from weakseg.data.imageio import list_images, read_image
+from weakseg.io import read_json, save_label_png
+from weakseg.models.inference import SegPredictor
+from weakseg.models.segmentation import build_seg_model
+from weakseg.train.loop import load_checkpoint
+
+
+def load_predictor(run_dir: str | Path, device: str = "auto") -> tuple[SegPredictor, list[str]]:
+    """Rebuild the trained segmentation model of `run_dir` (config and weights from its train-seg stage)."""
+    seg_dir = Path(run_dir) / "train-seg"
+    if not (seg_dir / "done.json").exists():
+        raise FileNotFoundError(f"{seg_dir}: no completed train-seg stage in this run directory")
+    cfg = load_config(seg_dir / "config.yaml")
+    class_names = read_json(seg_dir / "classes.json")["class_names"]
+    model = build_seg_model(cfg.train_seg.model, len(class_names), pretrained=False)
+    model.load_state_dict(load_checkpoint(seg_dir / "model.pt")["model"])
+    sc = cfg.train_seg
+    dev = dist.resolve_device(device if device != "auto" else cfg.device)
+    return SegPredictor(model, sc.infer_size or sc.crop_size, sc.infer_scales, sc.infer_flip, dev), class_names
+
+
+def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, device: str = "auto") -> list[Path]:
+    """Predict every image of `images` into `out`/<stem>.png; returns the written paths (this rank's)."""
+    files = list_images(images)
+    if not files:
+        raise FileNotFoundError(f"{images}: no image files (.jpg/.png/...) found")
+    stems: dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems:
+            raise ValueError(f"{f} and {stems[f.stem]} share the stem {f.stem!r}: outputs would collide")
+        stems[f.stem] = f
+    predictor, _ = load_predictor(run_dir, device)
+    out = Path(out)
+    written = []
+    for f in tqdm(dist.shard(files), desc="predict", disable=not dist.is_main_process(), dynamic_ncols=True):
+        labels = predictor.labels(read_image(f))
+        target = out / f"{f.stem}.png"
+        save_label_png(target, labels)
+        written.append(target)
+    dist.barrier()
+    missing = [f.stem for f in files if not (out / f"{f.stem}.png").exists()]
+    if missing:
+        raise RuntimeError(f"predict: {len(missing)} outputs missing, e.g. {missing[:5]}")
+    return written

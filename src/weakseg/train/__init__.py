@@ -1,0 +1,1 @@
+"""Training stages: `train-cls` (classifier) and `train-seg` (segmentation), on a shared small engine."""

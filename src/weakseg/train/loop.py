@@ -1,0 +1,173 @@
+"""A small training engine shared by the classifier and segmentation stages.
+
+- deterministic epoch order: batches of epoch e are a permutation drawn from (seed, e), sharded across ranks;
+- checkpoints (model, optimiser, scheduler, epoch, next batch, RNG state) every `checkpoint_every`
+  iterations and at every epoch end, written atomically; a killed run resumes from the last one;
+- DDP when launched by torchrun; tqdm and metrics.jsonl on rank 0.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from weakseg import dist
+from weakseg.io import write_bytes
+from weakseg.runs import StageContext
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> list[list[int]]:
+    """All ranks' batches of one epoch, each rank then takes its strided share (global batch = batch_size)."""
+    perm = np.random.default_rng([seed, 104729, epoch]).permutation(n).tolist()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per_rank = max(1, batch_size // world)
+    global_bs = per_rank * world
+    n_full = n // global_bs if drop_last else math.ceil(n / global_bs)
+    if n_full == 0:  # tiny datasets: one (short) batch rather than none
+        n_full = 1
+    batches = []
+    for b in range(n_full):
+        chunk = perm[b * global_bs:(b + 1) * global_bs]
+        mine = chunk[rank::world]
+        if mine:
+            batches.append(mine)
+    return batches
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load with weights_only=True: a checkpoint that would run code is refused."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {str(e)[:300]}). "
+                           "weakseg only loads plain tensor checkpoints (weights_only=True).") from e
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_score: float
+    history: list[dict]
+
+
+def fit(
+    ctx: StageContext,
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    loss_fn: Callable[[nn.Module, tuple], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    validate: Optional[Callable[[nn.Module], dict]] = None,
+    select_key: str = "val_loss",
+    num_workers: int = 0,
+    checkpoint_every: int = 0,
+) -> FitResult:
+    """Train `model` for `epochs`; keep the epoch with the lowest `validate(model)[select_key]` as model.pt.
+
+    `loss_fn(model, batch)` returns the scalar loss of one batch. `validate` must not use pixel labels
+    unless the user asked for it (it is given the unwrapped model).
+    """
+    device = ctx.device
+    ckpt_path = ctx.out / "checkpoints" / "last.pt"
+    n = len(dataset)
+    iters_per_epoch = len(epoch_batches(n, batch_size, seed, 0))
+    total = max(1, epochs * iters_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - min(it, total - 1) / total) ** 0.9)
+
+    model.to(device)
+    start_epoch, start_batch, best = 0, 0, {"epoch": -1, "score": math.inf}
+    history: list[dict] = []
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
+        best = {"epoch": int(state["best_epoch"]), "score": float(state["best_score"])}
+        history = [dict(h) for h in state.get("history", [])]
+        if dist.is_main_process():
+            tqdm.write(f"[{ctx.stage}] resuming from epoch {start_epoch}, batch {start_batch}")
+    train_model: nn.Module = model
+    if dist.is_distributed():
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        if dist.is_main_process():
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "epoch": epoch, "batch": batch, "best_epoch": best["epoch"], "best_score": best["score"],
+                "history": history,
+            })
+        dist.barrier()
+
+    step = start_epoch * iters_per_epoch + start_batch
+    for epoch in range(start_epoch, epochs):
+        if hasattr(dataset, "epoch"):
+            dataset.epoch = epoch
+        batches = epoch_batches(n, batch_size, seed, epoch)
+        skip = start_batch if epoch == start_epoch else 0
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[skip:], num_workers=num_workers,
+                                             persistent_workers=False)
+        train_model.train()
+        running, count = 0.0, 0
+        bar = tqdm(loader, desc=f"{ctx.stage} epoch {epoch + 1}/{epochs}", initial=skip, total=len(batches),
+                   disable=not dist.is_main_process(), leave=False, dynamic_ncols=True)
+        for b, batch in enumerate(bar, start=skip):
+            batch = tuple(t.to(device, non_blocking=True) for t in batch)
+            loss = loss_fn(train_model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_value = float(loss.detach())
+            running += loss_value
+            count += 1
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if step % 10 == 0:
+                ctx.log({"step": step, "epoch": epoch, "train_loss": loss_value, "lr": scheduler.get_last_lr()[-1]})
+            if checkpoint_every and (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):
+                checkpoint(epoch, b + 1)
+        record = {"step": step, "epoch": epoch + 1, "epoch_train_loss": running / max(count, 1)}
+        if validate is not None:
+            model.eval()
+            with torch.inference_mode():
+                record.update(validate(model))
+            score = float(record[select_key])
+            if score < best["score"]:
+                best = {"epoch": epoch + 1, "score": score}
+                if dist.is_main_process():
+                    save_checkpoint(ctx.out / "model.pt", {"model": model.state_dict(), "epoch": epoch + 1})
+        elif dist.is_main_process():
+            best = {"epoch": epoch + 1, "score": float("nan")}
+            save_checkpoint(ctx.out / "model.pt", {"model": model.state_dict(), "epoch": epoch + 1})
+        history.append(record)
+        ctx.log(record)
+        if dist.is_main_process():
+            tqdm.write(f"[{ctx.stage}] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in record.items()))
+        checkpoint(epoch + 1, 0)
+    return FitResult(best_epoch=best["epoch"], best_score=best["score"], history=history)
