@@ -84,10 +84,31 @@ class CamCfg:
 class MaskCfg:
     """Stage 3: CAMs -> pseudo-masks."""
 
-    method: str = "threshold"  # threshold (see weakseg.masks.MAKERS)
+    method: str = "threshold"  # threshold | crf | refiner | fusion (see weakseg.masks.MAKERS)
     bg_threshold: float = -1.0  # < 0: chosen label-free (Otsu on the pooled CAM histogram)
     ignore_low: float = -1.0  # ignore band [low, high) around the threshold written as 255; < 0 = off
     ignore_high: float = -1.0
+    # crf: dense CRF (pydensecrf2) on the original RGB image, labels = background + the image's classes.
+    crf_unary: str = "softmax"  # softmax: softmax([bg plane, cams] / T); labels: threshold labels, crf_gt_prob
+    crf_softmax_temperature: float = 1.0  # T above (smaller = more confident unary)
+    crf_gt_prob: float = 0.7  # confidence of the hard labels (crf_unary: labels)
+    crf_iterations: int = 10
+    crf_gaussian_sxy: float = 3.0  # defaults: AFA utils/dcrf.py; WeakTr VOC labels: 4/3, 83/5/3
+    crf_gaussian_compat: float = 3.0
+    crf_bilateral_sxy: float = 80.0
+    crf_bilateral_srgb: float = 13.0
+    crf_bilateral_compat: float = 10.0
+    # refiner: weaktr-refinery CNN decoder trained on frozen classifier features to reproduce the CAM.
+    refiner_size: str = "medium"  # small | medium | large (widths 64/32/16, 128/64/32, 256/128/64)
+    refiner_epochs: int = 15
+    refiner_batch_size: int = 64
+    refiner_lr: float = 0.05  # Adam, as in weaktr-refinery
+    refiner_image_size: int = 224  # images and CAMs are resized to this square for the refiner
+    refiner_window: int = 120  # clipped-loss windows (every window of the map, padded)
+    refiner_tau: float = 1.2  # keep pixels whose gradient <= tau * max(window mean, global mean)
+    loss_threshold: float = 0.35  # foreground where the normalised decoder-vs-CAM loss exceeds this
+    # fusion: class-agnostic foreground map (e.g. CCAM) x class-specific CAMs.
+    agnostic_cams_run: str = ""  # run name (under runs_dir) or path whose `cams` stage holds the foreground maps
 
 
 @dataclass
@@ -103,6 +124,12 @@ class SegTrainCfg:
     crop_size: int = 128
     num_workers: int = 0
     gt_ratio: float = 0.0  # fixed seeded fraction of train images whose GT masks replace pseudo-masks
+    targets: str = "pseudo"  # pseudo | gt (fully-supervised upper bound: only train images with GT masks)
+    loss: str = "ce"  # ce | gradient_clipping (WeakTr online retraining)
+    start_value: float = 1.2  # gradient_clipping: no clipping while the mean loss is above this
+    window_size: int = 120  # gradient_clipping: window side in pixels; must divide crop_size
+    optimizer: str = "adamw"  # adamw | adam | sgd (Nesterov, momentum 0.9, as WeakTr)
+    encoder_lr_scale: float = 1.0  # lr multiplier of the pretrained encoder (WeakTr: 0.1)
     checkpoint_every: int = 0
     infer_size: int = 0  # longer image side at inference; 0 = crop_size
     infer_scales: list[float] = field(default_factory=lambda: [1.0])

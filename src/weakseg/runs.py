@@ -204,11 +204,12 @@ def begin_stage(cfg: PipelineCfg, stage: str) -> None:
     attempt = sdir / "attempt.json"
     if dist.is_main_process():
         if sdir.exists():
-            same = attempt.exists() and read_json(attempt).get("fingerprint") == fp
+            # Keep partial work only from an interrupted attempt with the same fingerprint. A stage that had
+            # completed (marker present) but failed verification, or ran with other inputs, starts afresh.
+            interrupted = attempt.exists() and not (sdir / "done.json").exists()
+            same = interrupted and read_json(attempt).get("fingerprint") == fp
             if not same:
                 shutil.rmtree(sdir)
-            else:
-                (sdir / "done.json").unlink(missing_ok=True)
         sdir.mkdir(parents=True, exist_ok=True)
         write_json(attempt, {"fingerprint": fp, "started": time.time()})
         write_text(sdir / "config.yaml", dump_yaml(cfg))

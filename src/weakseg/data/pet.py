@@ -147,6 +147,11 @@ class PetDataset(FileDataset):
         for n, path in lists.items():
             if path.is_file():
                 parsed[n] = read_pet_list(path, log if n == canonical else ProblemLog("skip"))
+        if "trainval" in parsed and "test" in parsed:
+            overlap = sorted({e.name for e in parsed["trainval"]} & {e.name for e in parsed["test"]})
+            if overlap:
+                raise DataError(f"{lists['test']}: {len(overlap)} image(s) are also in {lists['trainval']} "
+                                f"(e.g. {overlap[:3]}); the official splits are disjoint", file=lists["test"])
         catalogue = breed_catalogue([e for entries in parsed.values() for e in entries])
         self.breed_class_ids = sorted(catalogue)
         if label_mode == "binary":
@@ -192,11 +197,10 @@ class PetDataset(FileDataset):
                 log.add(name, *problem)
                 continue
             entry = listed.get(name)
-            if entry is None:
-                self.unlisted.append(name)
             if entry is not None:
                 class_id, species = entry.class_id, entry.species
             else:  # "all" split, image not in any list: label from the file name
+                self.unlisted.append(name)
                 species = species_from_name(name)
                 class_id = class_of_breed.get(breed_from_name(name), 0)
                 if label_mode == "breeds" and not class_id:

@@ -1,0 +1,141 @@
+"""The tiny demo pipeline end to end: stage contract, skipping, --from, corruption, predict, kill + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from weakseg.cli import main
+from weakseg.config import load_config
+from weakseg.pipeline import run_pipeline, run_stages
+from weakseg.runs import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _statuses(results):
+    return {k: v["status"] for k, v in results.items()}
+
+
+@pytest.fixture
+def tiny_cfg(tiny_overrides):
+    return load_config(ROOT / "configs" / "demo.yaml", tiny_overrides)
+
+
+def test_full_run_contract_skip_and_from(tiny_cfg):
+    results = run_pipeline(tiny_cfg)
+    assert _statuses(results) == {s: "ran" for s in STAGES}
+    run_dir = tiny_cfg.run_dir
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["git_sha"] and info["torch"] and info["seed"] == tiny_cfg.seed
+    for stage in STAGES:
+        d = run_dir / stage
+        for f in ("config.yaml", "metrics.json", "done.json"):
+            assert (d / f).is_file(), f"{stage}/{f} missing"
+        assert load_config(d / "config.yaml") == tiny_cfg
+    assert len(list((run_dir / "cams" / "cams").glob("*.npz"))) == 24
+    assert len(list((run_dir / "masks" / "masks").glob("*.png"))) == 24
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    seg = metrics["segmentation"]["segmentation"]
+    assert 0.0 <= seg["mIoU"] <= 1.0 and "dataset-pooled" in seg["convention"]
+    assert [r["threshold"] for r in metrics["cams"]["sweep"]] == [0.2, 0.4, 0.6]
+    assert 0 < metrics["cams"]["threshold_used"] < 1
+
+    # Second run: everything up to date.
+    assert _statuses(run_pipeline(tiny_cfg)) == {s: "skipped" for s in STAGES}
+    # --from masks redoes masks and what follows only.
+    st = _statuses(run_pipeline(tiny_cfg, from_stage="masks"))
+    assert st == {"train-cls": "skipped", "cams": "skipped", "masks": "ran", "train-seg": "ran", "evaluate": "ran"}
+
+
+def test_config_change_reruns_downstream_only(tiny_cfg, tiny_overrides):
+    run_pipeline(tiny_cfg)
+    changed = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + ["masks.bg_threshold=0.9"])
+    st = _statuses(run_pipeline(changed))
+    assert st == {"train-cls": "skipped", "cams": "skipped", "masks": "ran", "train-seg": "ran", "evaluate": "ran"}
+    assert json.loads((changed.run_dir / "masks" / "metrics.json").read_text())["bg_threshold"] == 0.9
+
+
+def test_corrupt_or_missing_output_is_redone(tiny_cfg):
+    run_stages(tiny_cfg, ["train-cls", "cams"])
+    cam_files = sorted((tiny_cfg.run_dir / "cams" / "cams").glob("*.npz"))
+    cam_files[0].write_bytes(b"garbage")
+    cam_files[1].unlink()
+    st = _statuses(run_stages(tiny_cfg, ["train-cls", "cams"]))
+    assert st == {"train-cls": "skipped", "cams": "ran"}
+    assert len(list((tiny_cfg.run_dir / "cams" / "cams").glob("*.npz"))) == 24
+    np.load(cam_files[0])  # valid again
+
+
+def test_stage_alone_needs_upstream(tiny_cfg):
+    with pytest.raises(RuntimeError, match="train-cls"):
+        run_stages(tiny_cfg, ["cams"])
+
+
+def test_predict_writes_palette_png_per_image(tiny_cfg, tiny_overrides, tmp_path):
+    run_pipeline(tiny_cfg)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"a": (40, 30), "b": (17, 53), "c": (32, 32)}
+    for stem, (w, h) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"{stem}.jpg")
+    Image.fromarray(rng.integers(0, 255, (9, 11), dtype=np.uint8), mode="L").save(images / "gray.png")
+    out = tmp_path / "pred"
+    assert main(["predict", "--run", str(tiny_cfg.run_dir), "--images", str(images), "--out", str(out)]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["a.png", "b.png", "c.png", "gray.png"]
+    for stem, (w, h) in {**sizes, "gray": (11, 9)}.items():
+        with Image.open(out / f"{stem}.png") as im:
+            assert im.mode == "P" and im.size == (w, h)
+            assert set(np.unique(np.array(im))) <= set(range(6))
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "train_cls.epohcs=1"]) == 2
+    assert "valid keys" in capsys.readouterr().err
+
+
+def test_dry_run_validates_without_writing(tiny_cfg):
+    results = run_pipeline(tiny_cfg, dry_run=True)
+    assert _statuses(results) == {s: "would run" for s in STAGES}
+    assert not tiny_cfg.run_dir.exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_redoing_completed_stages(tiny_overrides, tmp_path):
+    """SIGKILL `weakseg run` once train-cls has completed and cams are being written; rerun finishes."""
+    overrides = [o for o in tiny_overrides if not o.startswith("data.demo_train")] + ["data.demo_train=200"]
+    cmd = [sys.executable, "-m", "weakseg.cli", "run", str(ROOT / "configs" / "demo.yaml"), *overrides,
+           "cams.batch_size=1", "cams.scales=[1.0,1.5,2.0]"]
+    run_dir = tmp_path / "runs" / "tiny"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if len(list((run_dir / "cams" / "cams").glob("*.npz"))) >= 5 if (run_dir / "cams" / "cams").exists() else False:
+            break
+        if proc.poll() is not None:
+            pytest.fail("run finished before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run_dir / "train-cls" / "done.json").exists()
+    assert not (run_dir / "cams" / "done.json").exists()
+    cls_marker = (run_dir / "train-cls" / "done.json").read_text()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[train-cls] skipped" in out.stdout + out.stderr
+    assert (run_dir / "train-cls" / "done.json").read_text() == cls_marker
+    for stage in STAGES:
+        assert (run_dir / stage / "done.json").exists()
