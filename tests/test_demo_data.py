@@ -70,3 +70,16 @@ def test_write_demo_split(tmp_path):
     ds = DemoDataset("test", 3, 0, 32)
     assert np.array_equal(load_label_png(out / "masks" / files[0].name), ds.mask(0))
     assert (out / "labels.csv").read_text().startswith("image,labels\n")
+
+
+def test_binary_view_collapses_classes_and_keeps_ignore():
+    from weakseg.data import BinaryView, collapse_to_binary
+
+    m = np.array([[0, 1, 2], [255, 3, 0]], dtype=np.uint8)
+    assert collapse_to_binary(m).tolist() == [[0, 1, 1], [255, 1, 0]]
+    ds = DemoDataset("train", 5, 0, 32)
+    view = BinaryView(ds, "object")
+    assert view.class_names == ["background", "object"] and view.ids == ds.ids
+    for i in range(5):
+        assert view.labels(i).tolist() == [1.0]
+        assert np.array_equal(view.mask(i), (ds.mask(i) > 0).astype(np.uint8))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional
 
 from weakseg.runs import STAGES
@@ -47,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=128)
 
+    p = sub.add_parser("report", help="write runs/<name>/report.html (tables, curves, example grid)")
+    p.add_argument("run", help="run directory (runs/<name>)")
+
+    p = sub.add_parser("compare", help="side-by-side table of several runs (prints Markdown, writes .md + .csv)")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default="compare", help="output prefix for <out>.md and <out>.csv")
+
     p = sub.add_parser("config", help="print the resolved config")
     _add_config_args(p)
     return parser
@@ -65,6 +73,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             cfg = load_config(args.config, args.overrides)
             results = run_pipeline(cfg, from_stage=args.from_stage, dry_run=args.dry_run)
             _print_summary(cfg, format_summary)
+            if not args.dry_run:
+                _write_report_quietly(cfg.run_dir)
             return 0 if results else 1
         if args.command in STAGES:
             from weakseg.pipeline import run_stages
@@ -91,6 +101,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             out = write_demo_split(args.out, args.split, args.n, args.seed, args.size)
             print(f"wrote {args.n} demo images, masks and labels.csv to {out}")
             return 0
+        if args.command == "report":
+            from weakseg.evaluate.report import write_report
+
+            print(f"wrote {write_report(Path(args.run))}")
+            return 0
+        if args.command == "compare":
+            from weakseg.evaluate.compare import compare_runs, format_markdown, write_compare
+
+            dirs = [Path(r) for r in args.runs]
+            print(format_markdown(compare_runs(dirs)))
+            md, csv = write_compare(dirs, Path(args.out))
+            print(f"wrote {md} and {csv}")
+            return 0
         if args.command == "config":
             print(dump_yaml(load_config(args.config, args.overrides)), end="")
             return 0
@@ -98,6 +121,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"weakseg: error: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _write_report_quietly(run_dir: Path) -> None:
+    """The HTML report is a convenience: a failure to draw it is reported, never fatal to the run."""
+    from weakseg import dist
+
+    if not dist.is_main_process() or not (run_dir / "evaluate" / "done.json").exists():
+        return
+    try:
+        from weakseg.evaluate.report import write_report
+
+        print(f"report: {write_report(run_dir)}")
+    except Exception as e:  # noqa: BLE001 - reported and ignored on purpose
+        print(f"weakseg: warning: could not write the HTML report ({type(e).__name__}: {e}); "
+              f"try `weakseg report {run_dir}`", file=sys.stderr)
 
 
 def _print_summary(cfg, format_summary) -> None:

@@ -45,6 +45,10 @@ class DataCfg:
     labels_csv: str = ""
     masks_dir: str = ""
     classes_file: str = ""
+    # Train the classifier on the dataset's classes but make pseudo-masks, the segmentation model and its
+    # evaluation foreground-vs-background (e.g. Pet: breeds for CAMs, pet vs background for masks).
+    binary_masks: bool = False
+    binary_name: str = "pet"
     # Extra object-free images added to classifier training as negatives (Ensembled-WSSS "bg" setting)
     background_dir: str = ""
     background_masks: bool = False  # also give them all-background masks (has_mask True)
@@ -66,18 +70,32 @@ class ClsTrainCfg:
     image_size: int = 128
     num_workers: int = 0
     checkpoint_every: int = 0  # iterations between mid-epoch checkpoints; 0 = once per epoch
+    # Which model train-cls trains (each CAM method needs its own, see weakseg.cams.methods.REQUIRED_MODEL):
+    model: str = "cam_classifier"  # cam_classifier (cam, finecam) | weaktr (cams.method=weaktr) | ccam
+    cls_pool: str = "avg"  # cam_classifier: avg (GAP of the feature map) | token (ViT CLS token, as for finecam)
+    drop_path_rate: float = 0.0  # weaktr: stochastic depth of the ViT (WeakTr uses 0.1)
+    aaf_reduction: float = 4.0  # weaktr: SE reduction of the adaptive attention fusion
+    aaf_pool: str = "avg"  # weaktr: avg | max pooling of each attention map in the fusion
+    ccam_alpha: float = 0.25  # ccam: rank-weighting decay of SimMax (C2AM paper default)
+    ccam_levels: int = 2  # ccam: last CNN stages concatenated as disentangler input (ResNet-50: layer3+4)
+    ecs: bool = False  # ccam: add the erased-CAM-supervision term MSE(ECS, P)
+    ecs_delta: float = 0.6  # ccam ECS: erase pixels whose normalised CAM exceeds this
+    ecs_weight: float = 1.0  # ccam ECS: weight of the MSE term
 
 
 @dataclass
 class CamCfg:
     """Stage 2: class activation maps of the training images."""
 
-    method: str = "cam"  # cam | gradcam (more in weakseg.cams.METHODS)
+    method: str = "cam"  # cam | finecam | weaktr | weaktr_fused | ccam (weakseg.cams.METHODS)
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = True
     batch_size: int = 16
     image_size: int = 0  # 0 = the classifier's image_size; longer-side resize before the scales
     store_stride: int = 4  # CAMs are stored at (H/stride, W/stride) float16, present classes only
+    ecs: bool = False  # erased CAM supervision on top of the method: max(CAM(x), CAM(x_erased)), each max-normalised
+    ecs_delta: float = 0.5  # erase pixels whose normalised CAM of a predicted class exceeds this
+    ecs_sigma: float = 20.0  # Gaussian blur std (pixels of the network input) of the erased region
 
 
 @dataclass

@@ -76,3 +76,12 @@ def resolve_device(name: str) -> torch.device:
         raise RuntimeError(f"device={name!r} was requested but this machine has no usable CUDA GPU; "
                            "set device=cpu (or device=auto).")
     return dev
+
+
+def gather_lists(items: list) -> list:
+    """Concatenate every rank's list (picklable items), in rank order; identity when not distributed."""
+    if not is_distributed():
+        return list(items)
+    out: list = [None] * get_world_size()
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]

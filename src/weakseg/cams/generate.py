@@ -23,7 +23,7 @@ from weakseg import dist
 from weakseg.cams.methods import CamMethod, build_cam_method
 from weakseg.data import build_dataset
 from weakseg.data.base import WeakSegDataset
-from weakseg.data.torch_datasets import resize_image, to_float_tensor
+from weakseg.data.torch_datasets import resize_image, shrink_to, to_float_tensor
 from weakseg.io import save_cam
 from weakseg.models.backbones import normalizer
 from weakseg.runs import StageContext, StageError
@@ -41,7 +41,7 @@ class CamInputs(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         i = self.indices[k]
         img = self.ds.image(i)
-        x = resize_image(to_float_tensor(img), (self.size, self.size))
+        x = resize_image(to_float_tensor(shrink_to(img, None, self.size, factor=2.0)[0]), (self.size, self.size))
         return x, torch.from_numpy(self.ds.labels(i)), img.shape[0], img.shape[1], i
 
 
@@ -95,7 +95,7 @@ def store_size(h: int, w: int, store_stride: int) -> tuple[int, int]:
 
 
 def build_generator(ctx: StageContext, classifier) -> CamGenerator:
-    method = build_cam_method(ctx.cfg.cams.method, classifier).to(ctx.device).eval()
+    method = build_cam_method(ctx.cfg.cams.method, classifier, ctx.cfg.cams).to(ctx.device).eval()
     bb = classifier.backbone
     return CamGenerator(method, bb.mean, bb.std, bb.stride, ctx.cfg.cams.scales, ctx.cfg.cams.flip)
 

@@ -3,21 +3,23 @@
 Interface (`CamMethod`): ``maps(x) -> (logits (B, C), cams (B, C, h, w) >= 0)`` for a batch x of
 (B, 3, H, W) normalised images. Multi-scale/flip aggregation, label restriction, normalisation and
 storage are done once for all methods in `weakseg.cams.generate`.
+
+Registry (`METHODS`): name -> builder(classifier). The classifier is the model trained by `train-cls`;
+methods that need their own model say so in `REQUIRED_MODEL` (the `train_cls.model` value).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
-
-class CamMethod(nn.Module):
-    """Base class; subclasses implement `maps`."""
-
-    def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+from weakseg.cams.base import CamMethod
+from weakseg.cams.ccam import CCAMNet, ClassAgnosticCAM
+from weakseg.cams.ecs import ErasedCamSupervision
+from weakseg.cams.finecam import FineCAM
+from weakseg.cams.weaktr import WeakTrCAM, WeakTrNet, weaktr_fused
 
 
 class ClassicCAM(CamMethod):
@@ -25,6 +27,8 @@ class ClassicCAM(CamMethod):
 
     def __init__(self, classifier: nn.Module):
         super().__init__()
+        if isinstance(classifier, (WeakTrNet, CCAMNet)):
+            raise TypeError(f"cams.method=cam needs train_cls.model=cam_classifier, got {type(classifier).__name__}")
         self.classifier = classifier
 
     def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,12 +38,28 @@ class ClassicCAM(CamMethod):
 
 METHODS: dict[str, Callable[[nn.Module], CamMethod]] = {
     "cam": ClassicCAM,
+    "finecam": FineCAM,
+    "weaktr": WeakTrCAM,
+    "weaktr_fused": weaktr_fused,
+    "ccam": ClassAgnosticCAM,
 }
 
+# train_cls.model each method needs (methods not listed use the default CamClassifier).
+REQUIRED_MODEL: dict[str, str] = {"weaktr": "weaktr", "weaktr_fused": "weaktr", "ccam": "ccam"}
 
-def build_cam_method(name: str, classifier: nn.Module) -> CamMethod:
+
+def required_model(method: str) -> str:
+    """The `train_cls.model` that CAM method `method` needs."""
+    return REQUIRED_MODEL.get(method, "cam_classifier")
+
+
+def build_cam_method(name: str, classifier: nn.Module, cam_cfg: Optional[object] = None) -> CamMethod:
+    """Method `name` on `classifier`; with `cam_cfg.ecs` true, wrapped in erased-CAM supervision."""
     try:
         builder = METHODS[name]
     except KeyError:
         raise ValueError(f"unknown CAM method {name!r}; valid names: {', '.join(sorted(METHODS))}") from None
-    return builder(classifier)
+    method = builder(classifier)
+    if cam_cfg is not None and getattr(cam_cfg, "ecs", False):
+        method = ErasedCamSupervision(method, delta=cam_cfg.ecs_delta, sigma=cam_cfg.ecs_sigma)
+    return method

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from weakseg.config import DataCfg
-from weakseg.data.base import DataError, Subset, WeakSegDataset, check_mask
+from weakseg.data.base import BinaryView, DataError, Subset, WeakSegDataset, check_mask, collapse_to_binary
 from weakseg.data.background import WithBackgroundImages
 from weakseg.data.demo import DEMO_CLASSES, DemoDataset
 from weakseg.data.files import config_path, drop_bad_samples
@@ -76,6 +76,12 @@ def _drop_bad_samples_cached(cfg: DataCfg, split: str, ds: WeakSegDataset) -> We
     return sub
 
 
+def seg_dataset(cfg: DataCfg, split: str) -> WeakSegDataset:
+    """The dataset as the segmentation side sees it (binary view when ``cfg.binary_masks``)."""
+    ds = build_dataset(cfg, split)
+    return BinaryView(ds, cfg.binary_name) if cfg.binary_masks else ds
+
+
 def train_val_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Deterministic seeded split of range(n) into (train, val) for label-free model selection."""
     if not 0.0 <= val_fraction < 1.0:
@@ -89,7 +95,8 @@ def train_val_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int]
 
 __all__ = [
     "DATASETS", "DEMO_CLASSES", "DataError", "DemoDataset", "Subset", "WeakSegDataset", "WithBackgroundImages",
-    "build_dataset", "check_mask", "drop_bad_samples", "train_val_indices",
+    "BinaryView", "build_dataset", "check_mask", "collapse_to_binary", "drop_bad_samples", "seg_dataset",
+    "train_val_indices",
 ]
 
 # Real-data builders, registered explicitly.

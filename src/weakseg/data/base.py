@@ -108,3 +108,33 @@ def check_mask(mask: np.ndarray, image_shape: tuple[int, ...], num_classes: int,
     if bad:
         raise DataError(f"{where}: mask values {bad} are outside the class set 0..{num_classes - 1} (+255 ignore)")
     return mask
+
+
+class BinaryView(WeakSegDataset):
+    """`base` seen as foreground-vs-background: classes [background, `name`], masks collapsed (255 kept)."""
+
+    def __init__(self, base: WeakSegDataset, name: str = "foreground"):
+        self.base = base
+        self.class_names = ["background", name]
+        self.ids = base.ids
+
+    def image(self, i: int) -> np.ndarray:
+        return self.base.image(i)
+
+    def labels(self, i: int) -> np.ndarray:
+        return np.array([float(self.base.labels(i).any())], dtype=np.float32)
+
+    def mask(self, i: int) -> Optional[np.ndarray]:
+        m = self.base.mask(i)
+        return None if m is None else collapse_to_binary(m)
+
+    def has_mask(self, i: int) -> bool:
+        return self.base.has_mask(i)
+
+    def source(self, i: int) -> str:
+        return self.base.source(i)
+
+
+def collapse_to_binary(labels: np.ndarray) -> np.ndarray:
+    """(H, W) class ids -> 0 background / 1 any foreground class, 255 kept."""
+    return np.where(labels == 255, 255, labels > 0).astype(np.uint8)

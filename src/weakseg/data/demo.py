@@ -105,7 +105,7 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
             draw.line([x, y, x2, y2], fill=colour, width=int(rng.integers(1, 4)))
         else:  # irregular blob (random polygon), not one of the class shapes
             n = int(rng.integers(5, 9))
-            r = rng.uniform(3, size / 10)
+            r = rng.uniform(3, max(4.0, size / 10))
             pts = [(x + r * rng.uniform(0.4, 1.2) * math.cos(2 * math.pi * k / n),
                     y + r * rng.uniform(0.4, 1.2) * math.sin(2 * math.pi * k / n)) for k in range(n)]
             draw.polygon(pts, fill=colour)

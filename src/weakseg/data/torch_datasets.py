@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
@@ -31,6 +32,24 @@ def resize_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         x = x[None]
     out = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     return out[0] if squeeze else out
+
+
+def shrink_to(image: np.ndarray, mask: Optional[np.ndarray], size: int,
+              factor: float = 1.5) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Cheaply shrink a large uint8 image (and its mask, nearest) so its shorter side is ~factor*size.
+
+    Augmentation then works on a small tensor instead of a multi-megapixel float copy; crops keep the same
+    relative geometry, so the training distribution is unchanged up to interpolation.
+    """
+    h, w = image.shape[:2]
+    target = int(round(size * factor))
+    if min(h, w) <= target:
+        return image, mask
+    scale = target / min(h, w)
+    new = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    small = np.asarray(Image.fromarray(image).resize(new, Image.BILINEAR, reducing_gap=2.0))
+    small_mask = None if mask is None else np.asarray(Image.fromarray(mask).resize(new, Image.NEAREST))
+    return small, small_mask
 
 
 def random_resized_crop_flip(image: torch.Tensor, mask: Optional[torch.Tensor], size: int,
@@ -86,7 +105,7 @@ class ClassificationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.indices[k]
-        img = to_float_tensor(self.ds.image(i))
+        img = to_float_tensor(shrink_to(self.ds.image(i), None, self.size)[0])
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             img, _ = random_resized_crop_flip(img, None, self.size, rng)
@@ -113,11 +132,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.indices[k]
-        img = to_float_tensor(self.ds.image(i))
-        target = torch.from_numpy(self.target_fn(i).astype(np.int64))
-        if target.shape != img.shape[1:]:
-            raise ValueError(f"{self.ds.source(i)}: target {tuple(target.shape)} does not match image "
-                             f"{tuple(img.shape[1:])}")
+        image, target_np = self.ds.image(i), self.target_fn(i)
+        if target_np.shape != image.shape[:2]:
+            raise ValueError(f"{self.ds.source(i)}: target {tuple(target_np.shape)} does not match image "
+                             f"{tuple(image.shape[:2])}")
+        image, target_np = shrink_to(image, target_np, self.size)
+        img = to_float_tensor(image)
+        target = torch.from_numpy(target_np.astype(np.int64))
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             img, target = random_resized_crop_flip(img, target, self.size, rng, scale=(0.25, 1.0))

@@ -21,25 +21,33 @@ class ConfusionMatrix:
 
     def __init__(self, num_classes: int, class_names: Optional[list[str]] = None):
         self.num_classes = num_classes
-        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.class_names = _names(num_classes, class_names)
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, target: torch.Tensor | np.ndarray, pred: torch.Tensor | np.ndarray) -> None:
-        """target, pred: same-shape integer label maps; target == 255 is ignored."""
-        target = torch.as_tensor(np.asarray(target) if isinstance(target, np.ndarray) else target).long().flatten()
-        pred = torch.as_tensor(np.asarray(pred) if isinstance(pred, np.ndarray) else pred).long().flatten()
+        """target, pred: same-shape integer label maps; target == 255 is ignored.
+
+        A prediction outside 0..num_classes-1 (including 255) is an error: map it to a class first.
+        """
+        target, pred = _flat_long(target), _flat_long(pred)
         if target.shape != pred.shape:
             raise ValueError(f"target and prediction shapes differ: {tuple(target.shape)} vs {tuple(pred.shape)}")
         keep = target != IGNORE_INDEX
         target, pred = target[keep], pred[keep]
-        if target.numel() and int(target.max()) >= self.num_classes:
-            raise ValueError(f"target holds class {int(target.max())} >= num_classes {self.num_classes}")
-        pred = pred.clamp(0, self.num_classes - 1) if pred.numel() else pred
         n = self.num_classes
-        self.mat += torch.bincount(target.cpu() * n + pred.cpu(), minlength=n * n).reshape(n, n)
+        if target.numel():
+            lo, hi = int(target.min()), int(target.max())
+            if lo < 0 or hi >= n:
+                raise ValueError(f"target holds class {lo if lo < 0 else hi}, outside 0..{n - 1} (+255 ignore)")
+            lo, hi = int(pred.min()), int(pred.max())
+            if lo < 0 or hi >= n:
+                raise ValueError(f"prediction holds class {lo if lo < 0 else hi}, outside 0..{n - 1}; "
+                                 "map ignored/unknown predictions to a class before scoring")
+        self.mat += torch.bincount(target * n + pred, minlength=n * n).reshape(n, n)
 
     def reduce_across_ranks(self) -> None:
-        self.mat = dist.all_reduce_sum(self.mat.clone())
+        """Sum the matrix over DDP ranks (call once, on every rank)."""
+        self.mat = _all_reduce(self.mat)
 
     def compute(self) -> dict:
         """Per-class and mean metrics. Classes absent from both GT and prediction get NaN (skipped in means)."""
@@ -71,6 +79,29 @@ class ConfusionMatrix:
         return out
 
 
+def _names(num_classes: int, class_names: Optional[list[str]]) -> list[str]:
+    names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names given for {num_classes} classes: {names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class names must be unique: {names}")
+    return names
+
+
+def _flat_long(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().long().flatten()
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64).ravel())
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU tensor over ranks (NCCL needs it on the GPU for the call); returns a CPU tensor."""
+    t = t.clone()
+    if dist.is_distributed() and torch.distributed.get_backend() == "nccl":
+        return dist.all_reduce_sum(t.cuda()).cpu()
+    return dist.all_reduce_sum(t)
+
+
 def _f(x: float) -> Optional[float]:
     return None if np.isnan(x) else float(x)
 
@@ -88,9 +119,10 @@ class PerImageMeter:
 
     def __init__(self, num_classes: int, class_names: Optional[list[str]] = None):
         self.num_classes = num_classes
-        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.class_names = _names(num_classes, class_names)
         self.sums = np.zeros(num_classes)
         self.counts = np.zeros(num_classes)
+        self.images = 0
 
     def update(self, target: np.ndarray, pred: np.ndarray) -> None:
         cm = ConfusionMatrix(self.num_classes)
@@ -100,12 +132,21 @@ class PerImageMeter:
         present = (union > 0).numpy()
         self.sums[present] += (tp[present] / union[present]).numpy()
         self.counts[present] += 1
+        self.images += 1
+
+    def reduce_across_ranks(self) -> None:
+        """Sum the per-class sums and counts over DDP ranks (call once, on every rank)."""
+        packed = torch.from_numpy(np.concatenate([self.sums, self.counts, [self.images]])).double()
+        packed = _all_reduce(packed).numpy()
+        n = self.num_classes
+        self.sums, self.counts, self.images = packed[:n].copy(), packed[n:2 * n].copy(), int(round(packed[-1]))
 
     def compute(self) -> dict:
         with np.errstate(divide="ignore", invalid="ignore"):
             iou = self.sums / self.counts
         return {
             "convention": "per-image IoU averaged over images (not dataset-pooled)",
+            "images": self.images,
             "mIoU": _nanmean(iou),
             "per_class_IoU": {n: _f(iou[i]) for i, n in enumerate(self.class_names)},
         }
@@ -114,8 +155,14 @@ class PerImageMeter:
 def summarize_binary(metrics: dict, positive: str, negative: str = "background") -> dict:
     """For two-class tasks: name the positive class explicitly and report both IoUs separately."""
     pc = metrics["per_class"]
+    if len(pc) != 2:
+        raise ValueError(f"summarize_binary needs a two-class result, got classes {list(pc)}")
+    if positive == negative or positive not in pc or negative not in pc:
+        raise ValueError(f"positive {positive!r} and negative {negative!r} must be the two distinct classes "
+                         f"{list(pc)}")
     return {
         "positive_class": positive,
+        "negative_class": negative,
         f"{positive}_IoU": pc[positive]["IoU"],
         f"{negative}_IoU": pc[negative]["IoU"],
         f"{positive}_Dice": pc[positive]["Dice"],

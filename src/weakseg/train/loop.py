@@ -129,8 +129,11 @@ def fit(
             dataset.epoch = epoch
         batches = epoch_batches(n, batch_size, seed, epoch)
         skip = start_batch if epoch == start_epoch else 0
+        # A private generator: creating the loader must not consume the global RNG (which is checkpointed for
+        # dropout), or a run resumed mid-epoch would diverge from an uninterrupted one.
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[skip:], num_workers=num_workers,
-                                             persistent_workers=False)
+                                             persistent_workers=False,
+                                             generator=torch.Generator().manual_seed(seed + epoch))
         train_model.train()
         running, count = 0.0, 0
         bar = tqdm(loader, desc=f"{ctx.stage} epoch {epoch + 1}/{epochs}", initial=skip, total=len(batches),

@@ -1,0 +1,100 @@
+"""Training throughput of weakseg's engine vs a bare forward+backward loop of the same model.
+
+    python bench/train_throughput.py [--images 192] [--size 128] [--batch 16]
+
+Ours = `weakseg.train.loop.fit` on the demo dataset (decoding, augmentation, DataLoader, scheduler,
+logging, checkpoint) for the classifier and the segmentation model; bare = the same model, loss and
+optimizer on pre-made tensors. Target ratio ours/bare >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import write_result
+from weakseg.config import PipelineCfg
+from weakseg.data import DemoDataset
+from weakseg.data.torch_datasets import ClassificationDataset, SegmentationDataset
+from weakseg.models.backbones import build_backbone, normalizer
+from weakseg.models.classifier import CamClassifier
+from weakseg.models.segmentation import build_seg_model
+from weakseg.runs import StageContext
+from weakseg.train.loop import fit
+
+
+def bare_loop(model, loss_of, batches) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    t0 = time.perf_counter()
+    for x, y in batches:
+        loss = loss_of(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def ours_loop(model, loss_of, dataset, batch, tmp: Path, workers: int) -> float:
+    cfg = PipelineCfg(runs_dir=str(tmp), name="bench")
+    ctx = StageContext(cfg, "bench", torch.device("cpu"))
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    t0 = time.perf_counter()
+    fit(ctx, model, dataset, lambda m, b: loss_of(m, *b), opt, epochs=1, batch_size=batch, seed=0,
+        num_workers=workers)
+    ctx.close()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--images", type=int, default=192)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--workers", type=int, default=1)
+    args = p.parse_args()
+    ds = DemoDataset("train", args.images, 0, args.size)
+    n_batches = args.images // args.batch
+    results = {}
+
+    cls = CamClassifier(build_backbone("efficientnet_lite0", pretrained=False), 5)
+    norm_c = normalizer(cls.backbone.mean, cls.backbone.std)
+
+    def cls_loss(m, x, y):
+        return F.binary_cross_entropy_with_logits(m(norm_c(x)), y)
+
+    seg = build_seg_model("lraspp_efficientnet_lite0", 6, pretrained=False)
+    norm_s = normalizer(seg.mean, seg.std)
+
+    def seg_loss(m, x, y):
+        return F.cross_entropy(m(norm_s(x)), y, ignore_index=255)
+
+    cls_batches = [(torch.rand(args.batch, 3, args.size, args.size), torch.rand(args.batch, 5).round())
+                   for _ in range(n_batches)]
+    seg_batches = [(torch.rand(args.batch, 3, args.size, args.size),
+                    torch.randint(0, 6, (args.batch, args.size, args.size))) for _ in range(n_batches)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model, loss_of, bare_batches, dataset in [
+            ("classifier", cls, cls_loss, cls_batches, ClassificationDataset(ds, list(range(args.images)), args.size,
+                                                                            train=True)),
+            ("segmentation", seg, seg_loss, seg_batches,
+             SegmentationDataset(ds, list(range(args.images)), ds.mask, args.size, train=True)),
+        ]:
+            bare_loop(model, loss_of, bare_batches[:1])  # warm-up
+            t_bare = bare_loop(model, loss_of, bare_batches)
+            t_ours = ours_loop(model, loss_of, dataset, args.batch, Path(tmp) / name, args.workers)
+            n = n_batches * args.batch
+            results[name] = {"bare_images_per_s": n / t_bare, "ours_images_per_s": n / t_ours,
+                             "ratio_ours_over_bare": t_bare / t_ours}
+    write_result("train_throughput", {"images": args.images, "size": args.size, "batch": args.batch,
+                                      "workers": args.workers, "target_ratio": 0.9, **results})
+
+
+if __name__ == "__main__":
+    main()
