@@ -38,7 +38,7 @@ STAGES = ["train-cls", "cams", "masks", "train-seg", "evaluate"]
 STAGE_SECTIONS = {
     "train-cls": ["seed", "data", "train_cls"],
     "cams": ["cams"],
-    "masks": ["masks"],
+    "masks": ["seed", "masks"],
     "train-seg": ["seed", "train_seg"],
     "evaluate": ["evaluate"],
 }
@@ -100,6 +100,13 @@ def stage_fingerprint(cfg: PipelineCfg, stage: str) -> str:
     for up in UPSTREAM[stage]:
         marker = cfg.run_dir / up / "done.json"
         upstream[up] = read_json(marker)["checksum"] if marker.exists() else None
+    other = getattr(cfg.masks, "agnostic_cams_run", "")
+    if stage == "masks" and other:  # fusion reads another run's CAMs: their checksum is an input too
+        for marker in (Path(other) / "cams" / "done.json", Path(cfg.runs_dir) / other / "cams" / "done.json",
+                       Path(other) / "done.json"):
+            if marker.exists():
+                upstream["agnostic_cams_run"] = read_json(marker)["checksum"]
+                break
     blob = json.dumps({"stage": stage, "config": own, "upstream": upstream}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

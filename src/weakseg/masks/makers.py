@@ -2,17 +2,24 @@
 
 Interface (`MaskMaker.make`): cams (K, H, W) float in [0, 1] at image size, classes (K,) 1-based class ids,
 image (H, W, 3) uint8 RGB (the original pixels, never a normalised tensor) -> (H, W) uint8 label map
-with 255 = ignore.
+with 255 = ignore. Makers that need more than that use two optional hooks the masks stage calls:
+`prepare(ctx, ds, cam_dir)` once per run (e.g. to train the refiner) and `extra_inputs(sample_id, size)`
+per image (keyword inputs of `make`, e.g. the fusion maker's foreground map).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from weakseg.config import MaskCfg
-from weakseg.io import IGNORE_INDEX
+from weakseg.io import IGNORE_INDEX, load_cam
+from weakseg.masks.crf import CrfParams, background_softmax, crf_from_labels, crf_from_probabilities
+from weakseg.masks.fusion import foreground_map, fuse_agnostic_specific, resolve_cams_dir
 
 
 def threshold_labels(cams: np.ndarray, classes: np.ndarray, bg_threshold: float, ignore_low: float = -1.0,
@@ -41,6 +48,18 @@ class MaskMaker:
         self.cfg = cfg
         self.bg_threshold = cfg.bg_threshold
 
+    def prepare(self, ctx: Any, ds: Any, cam_dir: Path) -> dict:
+        """Run-level setup before any image (all ranks); returns metrics to record. Default: nothing."""
+        return {}
+
+    def threshold_cam_dir(self, cam_dir: Path) -> Path:
+        """Folder of the CAM files whose pooled histogram picks the label-free threshold."""
+        return cam_dir
+
+    def extra_inputs(self, sample_id: str, size: tuple[int, int]) -> dict:
+        """Extra keyword inputs of `make` for one image. Default: none."""
+        return {}
+
     def make(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -52,8 +71,117 @@ class ThresholdMaker(MaskMaker):
         return threshold_labels(cams, classes, self.bg_threshold, self.cfg.ignore_low, self.cfg.ignore_high)
 
 
+class CrfMaker(MaskMaker):
+    """Dense CRF on the original RGB image over background + the image's classes.
+
+    crf_unary=softmax: unary from softmax([bg plane at the threshold, cams] / T) (AFA/WeakTr final-CRF style);
+    crf_unary=labels: unary from the threshold+argmax labels with crf_gt_prob (WeakTr CAM / Ensembled style).
+    """
+
+    def __init__(self, cfg: MaskCfg):
+        super().__init__(cfg)
+        if cfg.crf_unary not in ("softmax", "labels"):
+            raise ValueError(f"masks.crf_unary must be softmax or labels, got {cfg.crf_unary!r}")
+        self.params = CrfParams(cfg.crf_iterations, cfg.crf_gaussian_sxy, cfg.crf_gaussian_compat,
+                                cfg.crf_bilateral_sxy, cfg.crf_bilateral_srgb, cfg.crf_bilateral_compat)
+
+    def make(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray) -> np.ndarray:
+        if cams.shape[0] == 0:
+            return np.zeros(cams.shape[1:], dtype=np.uint8)
+        if self.cfg.crf_unary == "softmax":
+            probs = background_softmax(cams, self.bg_threshold, self.cfg.crf_softmax_temperature)
+            marginals = crf_from_probabilities(image, probs, self.params)
+        else:
+            index = np.where(cams.max(axis=0) >= self.bg_threshold, cams.argmax(axis=0) + 1, 0)
+            marginals = crf_from_labels(image, index, cams.shape[0] + 1, self.cfg.crf_gt_prob, self.params)
+        ids = np.concatenate([[0], np.asarray(classes)]).astype(np.uint8)
+        return ids[marginals.argmax(axis=0)]
+
+
+class RefinerMaker(MaskMaker):
+    """weaktr-refinery CNN-decoder refiner; `prepare` trains it, masks follow `masks.loss_threshold`."""
+
+    needs_threshold = False
+
+    def __init__(self, cfg: MaskCfg):
+        super().__init__(cfg)
+        self.decoder: Optional[torch.nn.Module] = None
+        self.backbone: Optional[torch.nn.Module] = None
+        self.device = torch.device("cpu")
+
+    def prepare(self, ctx: Any, ds: Any, cam_dir: Path) -> dict:
+        from weakseg.masks.refiner import fit_refiner_for_run
+        from weakseg.train.classifier import load_classifier
+
+        classifier = load_classifier(ctx)
+        self.decoder, metrics = fit_refiner_for_run(ctx, ds, cam_dir, classifier)
+        self.backbone, self.device = classifier.backbone.eval(), ctx.device
+        return {**metrics, "loss_threshold": self.cfg.loss_threshold}
+
+    @torch.no_grad()
+    def make(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray) -> np.ndarray:
+        from weakseg.data.torch_datasets import resize_image, to_float_tensor
+        from weakseg.masks.refiner import loss_threshold_labels, normalised_loss_maps, refiner_forward
+        from weakseg.models.backbones import normalizer
+
+        if self.decoder is None or self.backbone is None:
+            raise RuntimeError("RefinerMaker.prepare(ctx, ds, cam_dir) must run before make()")
+        h, w = cams.shape[1:]
+        if cams.shape[0] == 0:
+            return np.zeros((h, w), dtype=np.uint8)
+        size = self.cfg.refiner_image_size
+        x = resize_image(to_float_tensor(image), (size, size))[None].to(self.device)
+        feats = self.backbone.forward_features(normalizer(self.backbone.mean, self.backbone.std)(x))
+        channels = torch.as_tensor(np.asarray(classes) - 1, dtype=torch.long, device=self.device)
+        logits = refiner_forward(self.decoder, feats, channels[None], size)[0]  # (K, S, S)
+        target = F.interpolate(torch.from_numpy(cams)[None].to(self.device), size=(size, size), mode="bilinear",
+                               align_corners=False)[0]
+        maps = torch.stack([normalised_loss_maps(logits, target), torch.sigmoid(logits)])  # (2, K, S, S)
+        maps = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False).cpu().numpy()
+        return loss_threshold_labels(maps[0], maps[1], classes, self.cfg.loss_threshold)
+
+
+class FusionMaker(MaskMaker):
+    """Class-agnostic foreground map (another run's CAMs, e.g. CCAM) x class CAMs: argmax class where F > t.
+
+    The threshold t is `bg_threshold` (label-free: Otsu on the pooled foreground maps when < 0).
+    """
+
+    def __init__(self, cfg: MaskCfg):
+        super().__init__(cfg)
+        self.agnostic_dir: Optional[Path] = None
+
+    def prepare(self, ctx: Any, ds: Any, cam_dir: Path) -> dict:
+        self.agnostic_dir = resolve_cams_dir(self.cfg.agnostic_cams_run, ctx.cfg.runs_dir)
+        return {"agnostic_cams_dir": str(self.agnostic_dir)}
+
+    def threshold_cam_dir(self, cam_dir: Path) -> Path:
+        return self.agnostic_dir or cam_dir
+
+    def extra_inputs(self, sample_id: str, size: tuple[int, int]) -> dict:
+        if self.agnostic_dir is None:
+            raise RuntimeError("FusionMaker.prepare(ctx, ds, cam_dir) must run before extra_inputs()")
+        path = self.agnostic_dir / f"{sample_id}.npz"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no class-agnostic CAM for image {sample_id}")
+        cam, _, agnostic_size = load_cam(path)
+        if tuple(agnostic_size) != tuple(size):
+            raise ValueError(f"{path}: made for {agnostic_size[1]}x{agnostic_size[0]}, image is {size[1]}x{size[0]}")
+        return {"foreground": foreground_map(cam, size)}
+
+    def make(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray,
+             foreground: Optional[np.ndarray] = None) -> np.ndarray:
+        if foreground is None:
+            raise ValueError("the fusion maker needs the class-agnostic foreground map (foreground=...)")
+        return fuse_agnostic_specific(foreground, cams, classes, self.bg_threshold, self.cfg.ignore_low,
+                                      self.cfg.ignore_high)
+
+
 MAKERS: dict[str, Callable[[MaskCfg], MaskMaker]] = {
     "threshold": ThresholdMaker,
+    "crf": CrfMaker,
+    "refiner": RefinerMaker,
+    "fusion": FusionMaker,
 }
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from weakseg import dist
-from weakseg.data import build_dataset
+from weakseg.data import build_dataset, collapse_to_binary
 from weakseg.io import load_cam, save_label_png
 from weakseg.masks.makers import build_mask_maker, otsu_threshold
 from weakseg.runs import StageContext, StageError
@@ -46,10 +46,14 @@ def run(ctx: StageContext) -> dict:
     cam_dir = ctx.upstream("cams") / "cams"
     out_dir = ctx.out / "masks"
     maker = build_mask_maker(cfg.masks)
+    maker_metrics = maker.prepare(ctx, ds, cam_dir)  # e.g. trains the refiner, finds the agnostic CAMs
     rule = "n/a"
     if maker.needs_threshold:
-        threshold, rule = choose_threshold(cfg.masks.bg_threshold, cam_dir, ds.ids) if dist.is_main_process() \
-            else (0.0, "")
+        threshold_dir = maker.threshold_cam_dir(cam_dir)
+        threshold, rule = choose_threshold(cfg.masks.bg_threshold, threshold_dir, ds.ids) \
+            if dist.is_main_process() else (0.0, "")
+        if threshold_dir != cam_dir:
+            rule += f" of {threshold_dir}"
         threshold, rule = dist.broadcast_object((threshold, rule))
         maker.bg_threshold = threshold
     todo = [i for i in dist.shard(list(range(len(ds)))) if not (out_dir / f"{ds.ids[i]}.png").exists()]
@@ -61,7 +65,9 @@ def run(ctx: StageContext) -> dict:
         if tuple(image.shape[:2]) != tuple(size):
             raise StageError(f"{ds.source(i)}: image is {image.shape[1]}x{image.shape[0]} but its CAM was made "
                              f"for {size[1]}x{size[0]}")
-        mask = maker.make(upsample_cam(cam, size), classes, image)
+        mask = maker.make(upsample_cam(cam, size), classes, image, **maker.extra_inputs(ds.ids[i], size))
+        if cfg.data.binary_masks:
+            mask = collapse_to_binary(mask)
         save_label_png(out_dir / f"{ds.ids[i]}.png", mask)
         fg_fraction.append(float(((mask > 0) & (mask < 255)).mean()))
     seconds = time.time() - t0
@@ -76,4 +82,5 @@ def run(ctx: StageContext) -> dict:
         "images": len(ds),
         "mean_foreground_fraction_this_attempt": float(np.mean(fg_fraction)) if fg_fraction else None,
         "seconds": round(seconds, 1),
+        **maker_metrics,
     }

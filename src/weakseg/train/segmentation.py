@@ -1,8 +1,10 @@
-"""Stage `train-seg`: a segmentation model trained on the pseudo-masks (CE, 255 ignored).
+"""Stage `train-seg`: a segmentation model trained on the pseudo-masks (CE or WeakTr gradient clipping, 255 ignored).
 
 Mixed supervision: `gt_ratio` picks a fixed, seeded subset of training images (among those with GT masks)
 whose GT masks replace their pseudo-masks for the whole run; the subset ids are recorded. Model selection is
 label-free: lowest CE against the pseudo-masks of the held-out validation images.
+Fully-supervised baseline (`targets: gt`): the same model trained on the GT masks of the training images that
+have one (and selected on those of the held-out images), for the weak/full ratio.
 """
 
 from __future__ import annotations
@@ -14,29 +16,46 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakseg.data import build_dataset, train_val_indices
+from weakseg.data import seg_dataset, train_val_indices
 from weakseg.data.base import WeakSegDataset
 from weakseg.data.torch_datasets import SegmentationDataset
 from weakseg.io import IGNORE_INDEX, load_label_png, write_json
 from weakseg.models.backbones import normalizer
 from weakseg.models.inference import SegPredictor
 from weakseg.models.segmentation import SegModel, build_seg_model
-from weakseg.runs import StageContext
+from weakseg.runs import StageContext, StageError
+from weakseg.train.losses import build_seg_loss
 from weakseg.train.loop import fit, load_checkpoint
 
 
 def gt_subset(ds: WeakSegDataset, indices: list[int], ratio: float, seed: int) -> list[int]:
-    """A fixed seeded subset: round(ratio * len(indices)) of the images that have a GT mask."""
+    """A fixed seeded subset of max(1, round(ratio * len(indices))) of `indices` that have a GT mask.
+
+    The subset is a prefix of one seeded permutation of the GT-masked images: the same (seed, ratio) always
+    gives the same ids, and a larger ratio gives a superset of a smaller one (10% is inside 20%).
+    """
     if ratio <= 0:
         return []
     if ratio > 1:
         raise ValueError(f"train_seg.gt_ratio must be in [0, 1], got {ratio}")
-    k = int(round(ratio * len(indices)))
+    k = max(1, int(np.floor(ratio * len(indices) + 0.5)))
     with_gt = [i for i in indices if ds.has_mask(i)]
     if k > len(with_gt):
         raise ValueError(f"gt_ratio={ratio} needs {k} images with GT masks but only {len(with_gt)} have one")
-    rng = np.random.default_rng([seed, 31337])
-    return sorted(int(i) for i in rng.choice(with_gt, size=k, replace=False))
+    order = np.random.default_rng([seed, 31337]).permutation(len(with_gt))
+    return sorted(int(with_gt[j]) for j in order[:k])
+
+
+def build_optimizer(model: SegModel, sc) -> torch.optim.Optimizer:
+    """`train_seg.optimizer` over the model's param groups (encoder lr scaled by encoder_lr_scale)."""
+    groups = model.param_groups(sc.lr, sc.encoder_lr_scale, sc.weight_decay)
+    if sc.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=sc.lr)
+    if sc.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=sc.lr)
+    if sc.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=sc.lr, momentum=0.9, nesterov=True)
+    raise ValueError(f"unknown train_seg.optimizer {sc.optimizer!r}; valid names: adamw, adam, sgd")
 
 
 def load_seg_model(ctx: StageContext, num_classes: int) -> SegModel:
@@ -52,12 +71,27 @@ def predictor_for(ctx: StageContext, model: SegModel) -> SegPredictor:
 
 def run(ctx: StageContext) -> dict:
     cfg, sc = ctx.cfg, ctx.cfg.train_seg
-    ds = build_dataset(cfg.data, cfg.data.train_split)
-    mask_dir: Path = ctx.upstream("masks") / "masks"
+    if sc.targets not in ("pseudo", "gt"):
+        raise ValueError(f"train_seg.targets must be pseudo or gt, got {sc.targets!r}")
+    ds = seg_dataset(cfg.data, cfg.data.train_split)
     train_idx, val_idx = train_val_indices(len(ds), cfg.data.val_fraction, cfg.seed)
-    gt_ids = set(gt_subset(ds, train_idx, sc.gt_ratio, cfg.seed))
+    criterion = build_seg_loss(sc.loss, sc.start_value, sc.window_size, sc.crop_size)
+    if sc.targets == "gt":
+        if sc.gt_ratio > 0:
+            raise ValueError("train_seg.gt_ratio mixes GT into pseudo-masks; it has no meaning with targets=gt")
+        train_idx = [i for i in train_idx if ds.has_mask(i)]
+        val_idx = [i for i in val_idx if ds.has_mask(i)]
+        if not train_idx:
+            raise StageError("train_seg.targets=gt: no training image has a GT mask")
+        gt_ids = set(train_idx) | set(val_idx)
+        val_key = "val_loss_vs_gt"
+    else:
+        mask_dir: Path = ctx.upstream("masks") / "masks"
+        gt_ids = set(gt_subset(ds, train_idx, sc.gt_ratio, cfg.seed))
+        val_key = "val_loss_vs_pseudo"
     write_json(ctx.out / "classes.json", {"class_names": ds.class_names})
-    write_json(ctx.out / "gt_subset.json", {"gt_ratio": sc.gt_ratio, "ids": [ds.ids[i] for i in sorted(gt_ids)]})
+    write_json(ctx.out / "gt_subset.json", {"targets": sc.targets, "gt_ratio": sc.gt_ratio, "seed": cfg.seed,
+                                            "ids": [ds.ids[i] for i in sorted(gt_ids) if i in set(train_idx)]})
 
     def target(i: int) -> np.ndarray:
         if i in gt_ids:
@@ -72,11 +106,9 @@ def run(ctx: StageContext) -> dict:
 
     def loss_fn(m, batch):
         x, y = batch
-        return F.cross_entropy(m(normalize(x)), y, ignore_index=IGNORE_INDEX)
+        return criterion(m(normalize(x)), y)
 
     def validate(m) -> dict:
-        if len(val_set) == 0:
-            return {"val_loss_vs_pseudo": 0.0}
         loader = torch.utils.data.DataLoader(val_set, batch_size=sc.batch_size, num_workers=sc.num_workers)
         total, count = 0.0, 0
         for x, y in loader:
@@ -84,20 +116,30 @@ def run(ctx: StageContext) -> dict:
             loss = F.cross_entropy(m(normalize(x)), y, ignore_index=IGNORE_INDEX, reduction="sum")
             total += float(loss)
             count += int((y != IGNORE_INDEX).sum())
-        return {"val_loss_vs_pseudo": total / max(count, 1)}
+        return {val_key: total / max(count, 1)}
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=sc.lr, weight_decay=sc.weight_decay)
+    optimizer = build_optimizer(model, sc)
     t0 = time.time()
-    result = fit(ctx, model, train_set, loss_fn, optimizer, sc.epochs, sc.batch_size, cfg.seed, validate=validate,
-                 select_key="val_loss_vs_pseudo", num_workers=sc.num_workers, checkpoint_every=sc.checkpoint_every)
+    result = fit(ctx, model, train_set, loss_fn, optimizer, sc.epochs, sc.batch_size, cfg.seed,
+                 validate=validate if len(val_set) else None, select_key=val_key, num_workers=sc.num_workers,
+                 checkpoint_every=sc.checkpoint_every)
+    if sc.targets == "gt":
+        selection = "lowest CE against GT masks of held-out training images (fully supervised baseline)"
+    elif len(val_set):
+        selection = "lowest CE against pseudo-masks of held-out training images (no pixel labels)"
+    else:
+        selection = "last epoch (no held-out images)"
     return {
         "model": sc.model,
-        "selection": "lowest CE against pseudo-masks of held-out training images (no pixel labels)",
+        "targets": sc.targets,
+        "loss": sc.loss,
+        **({"start_value": sc.start_value, "window_size": sc.window_size} if sc.loss == "gradient_clipping" else {}),
+        "selection": selection,
         "best_epoch": result.best_epoch,
-        "val_loss_vs_pseudo": result.best_score,
+        val_key: result.best_score if len(val_set) else None,
         "gt_ratio": sc.gt_ratio,
-        "gt_images": len(gt_ids),
+        "gt_images": len(gt_ids & set(train_idx)),
+        "gt_subset_file": "gt_subset.json",
         "train_images": len(train_idx),
         "train_seconds": round(time.time() - t0, 1),
     }

