@@ -98,6 +98,9 @@ def test_predict_writes_palette_png_per_image(tiny_cfg, tiny_overrides, tmp_path
         with Image.open(out / f"{stem}.png") as im:
             assert im.mode == "P" and im.size == (w, h)
             assert set(np.unique(np.array(im))) <= set(range(6))
+    # The same model exported to ONNX gives the same logits (the CLI fails on a parity miss).
+    assert main(["export", "--run", str(tiny_cfg.run_dir), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 1000
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=128)
 
+    p = sub.add_parser("export", help="export a run's segmentation model to ONNX and check parity")
+    p.add_argument("--run", required=True, help="run directory (runs/<name>)")
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.add_argument("--size", type=int, default=0, help="input size (default: train_seg.infer_size or crop_size)")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="max |torch - onnxruntime| logit difference")
+
     p = sub.add_parser("report", help="write runs/<name>/report.html (tables, curves, example grid)")
     p.add_argument("run", help="run directory (runs/<name>)")
 
@@ -100,6 +106,19 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             out = write_demo_split(args.out, args.split, args.n, args.seed, args.size)
             print(f"wrote {args.n} demo images, masks and labels.csv to {out}")
+            return 0
+        if args.command == "export":
+            from weakseg.models.export import export_onnx, onnx_parity
+            from weakseg.predict import load_predictor
+
+            predictor, _ = load_predictor(args.run, "cpu")
+            size = args.size or predictor.infer_size
+            path = export_onnx(predictor.model, args.out, size)
+            diff = onnx_parity(predictor.model, path, size)
+            print(f"wrote {path} (input 1x3x{size}x{size} RGB in [0, 1]); max |torch - onnxruntime| = {diff:.2e}")
+            if diff > args.tolerance:
+                print(f"weakseg: error: ONNX parity {diff:.2e} exceeds tolerance {args.tolerance}", file=sys.stderr)
+                return 3
             return 0
         if args.command == "report":
             from weakseg.evaluate.report import write_report
