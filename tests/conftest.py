@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -27,6 +28,15 @@ TINY_OVERRIDES = [
     "train_seg.crop_size=32",
     "evaluate.thresholds=[0.2,0.4,0.6]",
 ]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits when the 2 shared cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

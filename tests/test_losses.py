@@ -13,13 +13,7 @@ from weakseg.train.losses import (GradientClippingLoss, build_seg_loss, gradient
                                   window_means)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits when the 2 shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # A 4x4 loss map with 2x2 windows: outliers 2.0 (top-left window) and 0.5 (bottom-right window); the top-right
 # 0.2 is above its window mean (0.1) but below the global mean (0.275), so it must not be clipped.

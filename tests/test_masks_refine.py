@@ -18,13 +18,7 @@ from weakseg.masks.refiner import (DECODER_WIDTHS, RefinerDecoder, RefinerPairs,
                                    normalised_loss_maps, refiner_forward, train_refiner)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits when the 2 shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---------------------------------------------------------------- dense CRF
 

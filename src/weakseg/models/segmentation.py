@@ -19,6 +19,12 @@ from weakseg.models.backbones import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Ba
                                       create_timm_model)
 
 
+def pad_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Zero-pad (B, C, H, W) at the bottom/right so H and W are multiples of `divisor` (crop the output back)."""
+    ph, pw = (-x.shape[-2]) % divisor, (-x.shape[-1]) % divisor
+    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+
 class SegModel(nn.Module):
     """Base: subclasses set `mean`/`std` (input normalisation) and implement forward -> logits at input size."""
 
@@ -130,11 +136,7 @@ class SmpUNet(SegModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        s = self.size_divisor
-        ph, pw = (-h) % s, (-w) % s
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
-        return self.net(x)[..., :h, :w]
+        return self.net(pad_to_multiple(x, self.size_divisor))[..., :h, :w]
 
 
 def _segmenter(backbone: str, num_classes: int, pretrained: bool) -> SegModel:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
-from weakseg.models.segmentation import SegModel
+from weakseg.models.segmentation import SegModel, pad_to_multiple
 
 
 class MaskTransformer(nn.Module):
@@ -86,10 +86,7 @@ class Segmenter(SegModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        s = self.size_divisor
-        ph, pw = (-h) % s, (-w) % s
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
+        x = pad_to_multiple(x, self.size_divisor)
         masks = self.decoder(self.encoder.forward_features(x))
         masks = F.interpolate(masks, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return masks[..., :h, :w]
