@@ -47,8 +47,8 @@ def shrink_to(image: np.ndarray, mask: Optional[np.ndarray], size: int,
         return image, mask
     scale = target / min(h, w)
     new = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
-    small = np.asarray(Image.fromarray(image).resize(new, Image.BILINEAR, reducing_gap=2.0))
-    small_mask = None if mask is None else np.asarray(Image.fromarray(mask).resize(new, Image.NEAREST))
+    small = np.array(Image.fromarray(image).resize(new, Image.BILINEAR, reducing_gap=2.0))
+    small_mask = None if mask is None else np.array(Image.fromarray(mask).resize(new, Image.NEAREST))
     return small, small_mask
 
 
