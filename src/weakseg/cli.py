@@ -136,7 +136,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "config":
             print(dump_yaml(load_config(args.config, args.overrides)), end="")
             return 0
-    except (ConfigError, DataError, FileNotFoundError, ValueError, RuntimeError) as e:
+    # OSError: e.g. disk full (the message says what to do); ImportError: a missing optional extra (e.g. CRF).
+    except (ConfigError, DataError, OSError, ValueError, RuntimeError, ImportError) as e:
         print(f"weakseg: error: {e}", file=sys.stderr)
         return 2
     return 1

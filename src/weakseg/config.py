@@ -7,6 +7,7 @@ The resolved config (defaults <- YAML <- overrides) is what each stage records i
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,12 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+# Field metadata of keys added after runs existed: `to_dict` (what the stage fingerprints hash) leaves such a key
+# out while it has its default value, so adding it does not invalidate existing runs. Set to anything else, it
+# is part of the fingerprint like every other key. `dump_yaml` always writes every key.
+LATE = {"late": True}
 
 
 @dataclass
@@ -81,6 +88,18 @@ class ClsTrainCfg:
     ecs: bool = False  # ccam: add the erased-CAM-supervision term MSE(ECS, P)
     ecs_delta: float = 0.6  # ccam ECS: erase pixels whose normalised CAM exceeds this
     ecs_weight: float = 1.0  # ccam ECS: weight of the MSE term
+    # Keys added for seed parity (docs/migrating.md). LATE keys: left at their default they are left out of the
+    # stage fingerprints, so runs made before they existed stay up to date.
+    # class_specific_ccam: backbone shared by the K per-class CCAM heads. frozen = ImageNet weights, eval mode, no
+    # gradient (the heads are then K independent CCAMs, each selected on its own); shared = fine-tuned by every
+    # head's loss (one epoch selected for all heads).
+    ccam_backbone: str = field(default="frozen", metadata=LATE)
+    # Initialise the backbone from another run's train-cls/model.pt (a run name under runs_dir, a run folder or
+    # a model.pt): the Ensembled-WSSS two-step "fine-tune a classifier, then train CCAM from its backbone".
+    init_from: str = field(default="", metadata=LATE)
+    # weaktr: the C class tokens (WeakTr --extra-token). replicate = copies of the pretrained CLS token and its
+    # position embedding; random = truncated-normal; auto = replicate when the backbone has a pretrained CLS token.
+    weaktr_token_init: str = field(default="auto", metadata=LATE)
 
 
 @dataclass
@@ -278,7 +297,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+            raise ConfigError(f"override {item!r}: {_yaml_problem(e, 'cannot parse value')}") from e
         _set_dotted(tree, key, value)
     return tree
 
@@ -303,6 +322,18 @@ def load_config(path: str | Path | None = None, overrides: Optional[list[str]] =
     return _build(PipelineCfg, tree)
 
 
+def _yaml_problem(e: yaml.YAMLError, what: str) -> str:
+    """Name a refused object-constructing tag (!!python/object..., which yaml.safe_load never executes) plainly."""
+    found = re.search(r"tag '([^']+)'", getattr(e, "problem", "") or "")
+    if isinstance(e, yaml.constructor.ConstructorError) and found:
+        mark = e.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return (f"refused the YAML tag {found.group(1)!r}{where}: configs hold plain values only (numbers, "
+                "strings, lists, mappings) and are read with yaml.safe_load, which never builds Python objects; "
+                "remove the tag")
+    return f"{what}: {e}"
+
+
 def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
@@ -313,7 +344,7 @@ def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        raise ConfigError(f"{path}: {_yaml_problem(e, 'invalid YAML')}") from e
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = tree.pop("base", None)
@@ -323,8 +354,31 @@ def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as a nested dict for fingerprints: LATE keys at their default value are left out."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif f.metadata.get("late") and value == _default_of(f):
+            continue
+        else:
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else _copy(value)
+    return out
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """Every key, LATE ones included (the resolved config a stage records and `weakseg config` prints)."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

@@ -71,10 +71,16 @@ def resolve_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise RuntimeError(f"device={name!r} is not a device name; use device=auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} was requested but this machine has no usable CUDA GPU; "
                            "set device=cpu (or device=auto).")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RuntimeError(f"device={name!r} was requested but this machine has {torch.cuda.device_count()} CUDA "
+                           f"GPU(s) (cuda:0..cuda:{torch.cuda.device_count() - 1}); set device=cuda or device=auto.")
     return dev
 
 

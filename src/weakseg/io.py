@@ -7,9 +7,11 @@ exists under its final name is always complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,7 +41,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+class ArtifactWriteError(OSError):
+    """A file could not be written (disk full, quota, read-only folder); nothing was left under its final name."""
+
+
+def _write_error(path: str | Path, e: OSError) -> OSError:
+    if isinstance(e, ArtifactWriteError):
+        return e
+    reason = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        advice = ("the disk (or your quota) is full: free some space there, or point runs_dir=... at a disk with "
+                  "room, then run the same command again")
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "the folder is not writable: fix its permissions or point runs_dir=... elsewhere, then run again"
+    else:
+        advice = "check the disk, then run the same command again"
+    err = ArtifactWriteError(f"cannot write {path}: {reason}; {advice} (`weakseg run` keeps completed stages and "
+                             "resumes training from its last checkpoint)")
+    err.errno = e.errno  # (not strerror/filename: OSError.__str__ would then replace the message)
+    return err
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically; on failure (e.g. disk full) no file is left under either name."""
     try:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
@@ -47,7 +71,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
                 f.flush()
                 os.fsync(f.fileno())
     except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror or e}. Free disk space or choose another runs_dir.") from e
+        raise _write_error(path, e) from e
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -74,12 +98,55 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint was refused (it is not plain tensors: loading it could run code) or cannot be read."""
+
+
+def load_weights_file(path: str | Path, map_location: Any = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)` with errors that name the file and say what to do.
+
+    The weights-only unpickler admits tensors and plain containers only: a pickle that would import a
+    function or class (os.system, a custom class with __reduce__, ...) is refused before anything runs.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = (f"it references the Python object {found.group(1)}" if found else
+                f"the weights-only unpickler rejected it ({_last_line(e)})")
+        raise CheckpointError(
+            f"{path}: refused: not a plain-tensor checkpoint, {what}. Loading such a file can run arbitrary code, "
+            "so weakseg only loads weights-only checkpoints (torch.load(weights_only=True)). If you trust the "
+            "file, load it yourself and re-save the plain state_dict: torch.save(model.state_dict(), PATH)."
+        ) from e
+    except Exception as e:  # truncated zip (RuntimeError), empty file (EOFError), unreadable (OSError), ...
+        raise CheckpointError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {_last_line(e)}); it is "
+                              "truncated, corrupt or not a PyTorch file. Replace it with a good copy (a resume "
+                              "checkpoint, checkpoints/last.pt, can be deleted: its stage then starts over).") from e
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "torch.load to learn more" not in ln]
+    line = lines[-1] if lines else type(e).__name__
+    return line.split(". ")[0][:300]  # the first sentence: torch appends paragraphs of generic advice
+
+
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one JSON line (a log; partial last lines are tolerated by `read_jsonl`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=_json_default) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+    except OSError as e:
+        raise _write_error(path, e) from e
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

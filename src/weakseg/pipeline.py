@@ -9,7 +9,8 @@ from tqdm import tqdm
 
 from weakseg import dist
 from weakseg.config import PipelineCfg
-from weakseg.runs import STAGES, StageContext, begin_stage, finish_stage, stage_is_done, write_run_info
+from weakseg.runs import (STAGES, UPSTREAM, StageContext, StageError, begin_stage, finish_stage, stage_is_done,
+                          verify_outputs, write_run_info)
 
 
 def _stage_functions() -> dict[str, Callable[[StageContext], dict]]:
@@ -40,16 +41,19 @@ def run_stages(cfg: PipelineCfg, stages: list[str], force: Optional[set[str]] = 
     funcs = _stage_functions()
     if not dry_run:
         write_run_info(cfg)
+    trusted: set[str] = set()  # stages verified (or produced) by this call
     for stage in [s for s in STAGES if s in stages]:
         done, reason = stage_is_done(cfg, stage)
         if done and stage not in force:
             _say(f"[{stage}] skipped: {reason}")
             results[stage] = {"status": "skipped"}
+            trusted.add(stage)
             continue
         if dry_run:
             _say(f"[{stage}] would run ({'forced' if stage in force else reason})")
             results[stage] = {"status": "would run"}
             continue
+        _check_upstream(cfg, stage, trusted)
         _say(f"[{stage}] running ({'forced' if stage in force else reason}) -> {cfg.run_dir / stage}")
         begin_stage(cfg, stage)
         ctx = StageContext(cfg, stage, device)
@@ -61,8 +65,22 @@ def run_stages(cfg: PipelineCfg, stages: list[str], force: Optional[set[str]] = 
         metrics["stage_seconds"] = round(time.time() - t0, 1)
         finish_stage(cfg, stage, metrics)
         results[stage] = {"status": "ran", "metrics": metrics}
+        trusted.add(stage)
         _say(f"[{stage}] done in {metrics['stage_seconds']} s")
     return results
+
+
+def _check_upstream(cfg: PipelineCfg, stage: str, trusted: set[str]) -> None:
+    """A stage run on its own (`weakseg cams`, ...) must not consume upstream outputs that changed after their
+    stage completed (a truncated model.pt, a corrupt mask PNG): refuse and say how to redo them."""
+    for up in UPSTREAM[stage]:
+        if up in trusted or not (cfg.run_dir / up / "done.json").exists():
+            continue  # a missing upstream is reported by the stage itself (StageContext.upstream)
+        ok, reason = verify_outputs(cfg.run_dir / up)
+        if not ok:
+            raise StageError(f"stage {stage!r} needs the output of {up!r} in {cfg.run_dir / up}, which cannot be "
+                             f"trusted: {reason}. Run `weakseg {up}` (or `weakseg run`) to redo it.")
+        trusted.add(up)
 
 
 def run_pipeline(cfg: PipelineCfg, from_stage: Optional[str] = None, dry_run: bool = False) -> dict[str, dict]:

@@ -12,6 +12,7 @@ from weakseg.data.imageio import list_images, read_image
 from weakseg.io import read_json, save_label_png
 from weakseg.models.inference import SegPredictor
 from weakseg.models.segmentation import build_seg_model
+from weakseg.runs import StageError, verify_outputs
 from weakseg.train.loop import load_checkpoint
 
 
@@ -39,6 +40,12 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, dev
         if f.stem in stems:
             raise ValueError(f"{f} and {stems[f.stem]} share the stem {f.stem!r}: outputs would collide")
         stems[f.stem] = f
+    seg_dir = Path(run_dir) / "train-seg"
+    if (seg_dir / "done.json").exists():  # (a missing stage is reported by load_predictor)
+        ok, reason = verify_outputs(seg_dir)  # a model.pt changed after training (truncated, replaced) is not used
+        if not ok:
+            raise StageError(f"{seg_dir}: the trained model cannot be trusted: {reason}. Run `weakseg run` on this "
+                             "run's config to redo train-seg.")
     predictor, _ = load_predictor(run_dir, device)
     out = Path(out)
     written = []

@@ -98,14 +98,13 @@ def stage_fingerprint(cfg: PipelineCfg, stage: str) -> str:
     own = {k: tree[k] for k in STAGE_SECTIONS[stage]}
     upstream = {}
     for up in UPSTREAM[stage]:
-        marker = cfg.run_dir / up / "done.json"
-        upstream[up] = read_json(marker)["checksum"] if marker.exists() else None
+        upstream[up] = (read_marker(cfg.run_dir / up / "done.json") or {}).get("checksum")
     other = getattr(cfg.masks, "agnostic_cams_run", "")
     if stage == "masks" and other:  # fusion reads another run's CAMs: their checksum is an input too
         for marker in (Path(other) / "cams" / "done.json", Path(cfg.runs_dir) / other / "cams" / "done.json",
                        Path(other) / "done.json"):
             if marker.exists():
-                upstream["agnostic_cams_run"] = read_json(marker)["checksum"]
+                upstream["agnostic_cams_run"] = (read_marker(marker) or {}).get("checksum")
                 break
     blob = json.dumps({"stage": stage, "config": own, "upstream": upstream}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -133,22 +132,43 @@ def checksum_files(stage_dir: Path) -> tuple[int, str]:
     return len(files), h.hexdigest()
 
 
+def read_marker(path: Path) -> Optional[dict]:
+    """A marker / attempt JSON file as a dict, or None if it is missing, truncated, garbled or not an object."""
+    try:
+        info = read_json(path)
+    except (ValueError, OSError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def verify_outputs(stage_dir: Path) -> tuple[bool, str]:
+    """(intact?, reason): the stage's product files still match the count and checksum its marker recorded."""
+    marker = stage_dir / "done.json"
+    if not marker.exists():
+        return False, "no completion marker"
+    info = read_marker(marker)
+    if info is None:
+        return False, "completion marker unreadable"
+    count, digest = checksum_files(stage_dir)
+    if count != info.get("files"):
+        return False, f"outputs changed or incomplete ({count} files, marker says {info.get('files')})"
+    if digest != info.get("checksum"):
+        return False, f"outputs changed or incomplete (the {count} files no longer match the recorded checksum)"
+    return True, "up to date"
+
+
 def stage_is_done(cfg: PipelineCfg, stage: str) -> tuple[bool, str]:
     """(done?, reason) — verifies fingerprint, file count and checksum, so corrupt output is never trusted."""
     sdir = cfg.run_dir / stage
     marker = sdir / "done.json"
     if not marker.exists():
         return False, "no completion marker"
-    try:
-        info = read_json(marker)
-    except (json.JSONDecodeError, OSError):
+    info = read_marker(marker)
+    if info is None:
         return False, "completion marker unreadable"
     if info.get("fingerprint") != stage_fingerprint(cfg, stage):
         return False, "config or upstream outputs changed"
-    count, digest = checksum_files(sdir)
-    if count != info.get("files") or digest != info.get("checksum"):
-        return False, f"outputs changed or incomplete ({count} files, marker says {info.get('files')})"
-    return True, "up to date"
+    return verify_outputs(sdir)
 
 
 @dataclass
@@ -214,7 +234,7 @@ def begin_stage(cfg: PipelineCfg, stage: str) -> None:
             # Keep partial work only from an interrupted attempt with the same fingerprint. A stage that had
             # completed (marker present) but failed verification, or ran with other inputs, starts afresh.
             interrupted = attempt.exists() and not (sdir / "done.json").exists()
-            same = interrupted and read_json(attempt).get("fingerprint") == fp
+            same = interrupted and (read_marker(attempt) or {}).get("fingerprint") == fp
             if not same:
                 shutil.rmtree(sdir)
         sdir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from weakseg.cams.base import CamMethod
 from weakseg.cams.ccam import CCAMNet, ClassAgnosticCAM
+from weakseg.cams.class_specific import ClassSpecificCAM, ClassSpecificCCAMNet
 from weakseg.cams.ecs import ErasedCamSupervision
 from weakseg.cams.finecam import FineCAM
 from weakseg.cams.weaktr import WeakTrCAM, WeakTrNet, weaktr_fused
@@ -27,7 +28,7 @@ class ClassicCAM(CamMethod):
 
     def __init__(self, classifier: nn.Module):
         super().__init__()
-        if isinstance(classifier, (WeakTrNet, CCAMNet)):
+        if isinstance(classifier, (WeakTrNet, CCAMNet, ClassSpecificCCAMNet)):
             raise TypeError(f"cams.method=cam needs train_cls.model=cam_classifier, got {type(classifier).__name__}")
         self.classifier = classifier
 
@@ -42,10 +43,12 @@ METHODS: dict[str, Callable[[nn.Module], CamMethod]] = {
     "weaktr": WeakTrCAM,
     "weaktr_fused": weaktr_fused,
     "ccam": ClassAgnosticCAM,
+    "class_specific_ccam": ClassSpecificCAM,
 }
 
 # train_cls.model each method needs (methods not listed use the default CamClassifier).
-REQUIRED_MODEL: dict[str, str] = {"weaktr": "weaktr", "weaktr_fused": "weaktr", "ccam": "ccam"}
+REQUIRED_MODEL: dict[str, str] = {"weaktr": "weaktr", "weaktr_fused": "weaktr", "ccam": "ccam",
+                                  "class_specific_ccam": "class_specific_ccam"}
 
 
 def required_model(method: str) -> str:

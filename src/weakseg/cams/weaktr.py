@@ -16,7 +16,8 @@ Because A and S are detached, the third loss trains only the fusion weights (W1,
 losses never reach them. `pool="avg"` (the reference default) averages a softmax map, which is always 1/T,
 so the weights are then learnt per-map constants; `pool="max"` makes them depend on the image.
 When the backbone's CLS token is pretrained, it and its position embedding are replicated C times (WeakTr's
-fine-tuning from DeiT); otherwise the C tokens are initialised independently.
+fine-tuning from DeiT with --extra-token); otherwise the C tokens are initialised independently
+(train_cls.weaktr_token_init=replicate|random forces either).
 """
 
 from __future__ import annotations
@@ -90,8 +91,11 @@ class WeakTrNet(nn.Module):
         pretrained = cfg.pretrained if pretrained is None else pretrained
         backbone = build_backbone(cfg.backbone, pretrained, cfg.checkpoint, cfg.output_stride,
                                   drop_path_rate=cfg.drop_path_rate)
-        return cls(backbone, num_classes, cfg.aaf_reduction, cfg.aaf_pool,
-                   replicate_class_token=backbone.pretrained_class_token)
+        init = getattr(cfg, "weaktr_token_init", "auto")
+        if init not in ("auto", "replicate", "random"):
+            raise ValueError(f"train_cls.weaktr_token_init must be auto, replicate or random, got {init!r}")
+        replicate = backbone.pretrained_class_token if init == "auto" else init == "replicate"
+        return cls(backbone, num_classes, cfg.aaf_reduction, cfg.aaf_pool, replicate_class_token=replicate)
 
     def forward_all(self, x: torch.Tensor) -> WeakTrOutput:
         """(B, 3, H, W) normalised -> all logits and maps of one pass."""

@@ -54,8 +54,9 @@ def _check_pixels(path: Path, img: Image.Image) -> None:
 
 
 def _decode_error(path: Path, e: BaseException) -> DataError:
-    if isinstance(e, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
-        return DataError(f"{path}: refused as a possible decompression bomb ({e})", file=path)
+    if isinstance(e, (Image.DecompressionBombWarning, Image.DecompressionBombError)):  # PIL's check fired first
+        return DataError(f"{path}: refused as a possible decompression bomb: more pixels than the limit of "
+                         f"{MAX_IMAGE_PIXELS} ({e})", file=path)
     if isinstance(e, UnidentifiedImageError):
         return DataError(f"{path}: cannot decode image (not an image in any supported format)", file=path)
     return DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})", file=path)

@@ -1,4 +1,4 @@
-"""Dense CRF (Krähenbühl & Koltun 2011) through pydensecrf2, an optional extra: ``pip install weakseg[crf]``.
+"""Dense CRF (Krähenbühl & Koltun 2011) through pydensecrf2, an optional extra: ``pip install "weakseg[crf]"``.
 
 The CRF always runs on the original uint8 RGB image; a normalised tensor cast to uint8 (the Ensembled-WSSS
 bug) is refused by the dtype check.
@@ -21,7 +21,7 @@ def _densecrf():
         import pydensecrf.utils as dutils
     except ImportError as e:
         raise CrfUnavailable(
-            "the dense CRF needs pydensecrf2: pip install weakseg[crf]  (or pip install pydensecrf2); "
+            'the dense CRF needs pydensecrf2: pip install "weakseg[crf]"  (or pip install pydensecrf2); '
             "or choose another masks.method") from e
     return dcrf, dutils
 

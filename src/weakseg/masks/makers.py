@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from weakseg.config import MaskCfg
 from weakseg.io import IGNORE_INDEX, load_cam
-from weakseg.masks.crf import CrfParams, background_softmax, crf_from_labels, crf_from_probabilities
+from weakseg.masks.crf import CrfParams, _densecrf, background_softmax, crf_from_labels, crf_from_probabilities
 from weakseg.masks.fusion import foreground_map, fuse_agnostic_specific, resolve_cams_dir
 
 
@@ -82,6 +82,7 @@ class CrfMaker(MaskMaker):
         super().__init__(cfg)
         if cfg.crf_unary not in ("softmax", "labels"):
             raise ValueError(f"masks.crf_unary must be softmax or labels, got {cfg.crf_unary!r}")
+        _densecrf()  # fail now, with the install command, rather than at the first image
         self.params = CrfParams(cfg.crf_iterations, cfg.crf_gaussian_sxy, cfg.crf_gaussian_compat,
                                 cfg.crf_bilateral_sxy, cfg.crf_bilateral_srgb, cfg.crf_bilateral_compat)
 

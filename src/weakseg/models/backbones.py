@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import timm
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from weakseg.io import load_weights_file
 from weakseg.models.vit_utils import (ViTPass, attention_modules, capture_input, record_attention,
                                       resample_patch_pos_embed, tokens_to_map)
 
@@ -123,7 +123,7 @@ def create_timm_model(name: str, pretrained: bool, checkpoint: str = "", **kwarg
         kwargs.setdefault("dynamic_img_size", True)
     if checkpoint:
         model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-        state = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+        state = load_weights_file(checkpoint)  # weights_only=True; names the file when refused
         state = state.get("model", state) if isinstance(state, dict) else state
         missing, unexpected = model.load_state_dict(state, strict=False)
         if len(missing) > len(model.state_dict()) // 2:

@@ -10,7 +10,6 @@ the position embeddings and the blocks start from random init and are trained by
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import timm
 import torch
@@ -18,6 +17,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
+from weakseg.io import load_weights_file
 from weakseg.models.backbones import BACKBONES, WeightsUnavailable, create_timm_model
 from weakseg.models.vit_utils import (ViTPass, capture_input, record_attention, resample_patch_pos_embed,
                                       tokens_to_map)
@@ -65,7 +65,7 @@ class HybridViT(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self._init_transformer()
         if checkpoint:
-            state = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+            state = load_weights_file(checkpoint)  # weights_only=True; names the file when refused
             state = state.get("model", state) if isinstance(state, dict) else state
             try:
                 self.load_state_dict(state)

@@ -6,14 +6,16 @@ Model selection is label-free: the epoch with the lowest BCE on a seeded hold-ou
 
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from weakseg.config import ConfigError
-from weakseg.data import build_dataset, train_val_indices
+from weakseg.data import DataError, build_dataset, train_val_indices
 from weakseg.data.torch_datasets import ClassificationDataset
 from weakseg.io import write_json
 from weakseg.models.classifier import CamClassifier
@@ -39,9 +41,11 @@ def classifier_models() -> dict:
     """train_cls.model -> model class (each has from_config, param_groups; the non-default ones also
     forward(x, targets) -> loss and loss_and_logits(x, y))."""
     from weakseg.cams.ccam import CCAMNet
+    from weakseg.cams.class_specific import ClassSpecificCCAMNet
     from weakseg.cams.weaktr import WeakTrNet
 
-    return {"cam_classifier": CamClassifier, "weaktr": WeakTrNet, "ccam": CCAMNet}
+    return {"cam_classifier": CamClassifier, "weaktr": WeakTrNet, "ccam": CCAMNet,
+            "class_specific_ccam": ClassSpecificCCAMNet}
 
 
 def build_classifier(ctx_or_cfg, num_foreground: int, pretrained: bool | None = None):
@@ -62,7 +66,41 @@ def check_model_for_method(cfg) -> None:
                           f"(got train_cls.model={cfg.train_cls.model})")
     if cfg.train_cls.ecs and cfg.train_cls.model != "ccam":
         raise ConfigError("train_cls.ecs trains CCAM (train_cls.model=ccam); for ECS on CAMs use cams.ecs=true")
+    if cfg.train_cls.ccam_backbone not in ("frozen", "shared"):
+        raise ConfigError(f"train_cls.ccam_backbone={cfg.train_cls.ccam_backbone!r}; valid: frozen, shared")
+    if cfg.train_cls.weaktr_token_init not in ("auto", "replicate", "random"):
+        raise ConfigError(f"train_cls.weaktr_token_init={cfg.train_cls.weaktr_token_init!r}; "
+                          "valid: auto, replicate, random")
 
+
+def resolve_init_from(init_from: str, runs_dir: str | Path) -> Path:
+    """train_cls.init_from = a run name under runs_dir, a run folder, its train-cls folder or a model.pt -> file."""
+    tried = []
+    for base in (Path(init_from), Path(runs_dir) / init_from):
+        for candidate in (base, base / "model.pt", base / "train-cls" / "model.pt"):
+            tried.append(str(candidate))
+            if candidate.is_file():
+                return candidate
+    raise FileNotFoundError(f"train_cls.init_from={init_from!r}: no train-cls model.pt found (tried "
+                            f"{', '.join(tried)}); run that preset first")
+
+
+def init_backbone_from(model, path: Path) -> dict:
+    """Load the `backbone.*` tensors of a weakseg classifier checkpoint into `model.backbone`.
+
+    Tensors the target lacks (e.g. a CLS token WeakTr strips) are ignored; at least 90% of the target backbone's
+    tensors must be found with the same shape, otherwise the two runs' backbones differ and this is an error.
+    """
+    state = load_checkpoint(path)["model"]
+    src = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    dst = model.backbone.state_dict()
+    matched = {k: v for k, v in src.items() if k in dst and tuple(v.shape) == tuple(dst[k].shape)}
+    if len(matched) < 0.9 * len(dst):
+        raise ConfigError(f"train_cls.init_from: {path} holds {len(matched)} of the {len(dst)} backbone tensors of "
+                          f"train_cls.backbone (same backbone name and output_stride needed)")
+    model.backbone.load_state_dict(matched, strict=False)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return {"init_from": str(path), "init_from_sha256": digest, "init_from_tensors": len(matched)}
 
 def load_classifier(ctx: StageContext):
     """The trained classifier of this run (architecture from the config, weights from train-cls/model.pt)."""
@@ -82,9 +120,11 @@ def run(ctx: StageContext) -> dict:
     # What was read, with which label conventions, and every sample skipped as bad (data.on_error=skip).
     write_json(ctx.out / "data.json", {"split": cfg.data.train_split, "dataset": ds.describe(),
                                        "skipped": ds.skipped})
+    check_no_empty_class(ds, cfg.data)
     check_model_for_method(cfg)
     torch.manual_seed(cfg.seed)
     model = build_classifier(ctx, ds.num_classes - 1)
+    init_info = init_backbone_from(model, resolve_init_from(tc.init_from, cfg.runs_dir)) if tc.init_from else {}
     own_loss = not isinstance(model, CamClassifier)  # WeakTr / CCAM: forward(x, targets) returns their loss
     normalize = _normalizer(model)
     train_set = ClassificationDataset(ds, train_idx, tc.image_size, train=True, seed=cfg.seed)
@@ -114,14 +154,23 @@ def run(ctx: StageContext) -> dict:
         s, lab = np.concatenate(scores), np.concatenate(labels)
         return {"val_loss": sum(losses) / lab.size, "val_mAP": mean_average_precision(s, lab)}
 
+    batch_fn, special = None, None
+    if getattr(model, "class_specific", False):  # class-specific CCAM: per-class batches and selection
+        from weakseg.train.class_specific import ClassSpecificTraining
+
+        special = ClassSpecificTraining(ctx, model, ds, train_idx, val_idx, normalize)
+        train_set, loss_fn, validate, batch_fn = special.train_set, special.loss_fn, special.validate, special.batches
+
     optimizer = torch.optim.AdamW(model.param_groups(tc.lr, tc.backbone_lr_scale, tc.weight_decay))
     t0 = time.time()
     result = fit(ctx, model, train_set, loss_fn, optimizer, tc.epochs, tc.batch_size, cfg.seed, validate=validate,
-                 num_workers=tc.num_workers, checkpoint_every=tc.checkpoint_every)
+                 num_workers=tc.num_workers, checkpoint_every=tc.checkpoint_every, batch_fn=batch_fn)
+    extra = {**init_info, **(special.finish(result) if special is not None else {})}
     best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
     return {
         "selection": ("lowest validation BCE on image-level labels (no pixel labels)" if not own_loss else
                       f"lowest validation {tc.model} training loss on image-level labels (no pixel labels)"),
+        **extra,
         "model": tc.model,
         "best_epoch": result.best_epoch,
         "val_loss": best.get("val_loss"),
@@ -131,6 +180,29 @@ def run(ctx: StageContext) -> dict:
         "skipped_images": len(ds.skipped),
         "train_seconds": round(time.time() - t0, 1),
     }
+
+
+def check_no_empty_class(ds, data_cfg) -> None:
+    """Stop before training if a class of the class list is carried by no training image.
+
+    The classifier cannot learn a class it never sees: no CAM, pseudo-mask or prediction would ever contain
+    it and its IoU would be a silent 0, so this is an error (DataError) that says what to do, not a warning.
+    """
+    counts = np.zeros(ds.num_classes - 1, dtype=np.int64)
+    for i in range(len(ds)):
+        counts += np.asarray(ds.labels(i)) > 0
+    empty = [ds.class_names[c + 1] for c in np.flatnonzero(counts == 0)]
+    if not empty:
+        return
+    shown = ", ".join(repr(n) for n in empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+    fixes = ["add training images labelled with it", "remove it from the class list (data.classes_file of a "
+                                                         "folder dataset)"]
+    if data_cfg.max_images:
+        fixes.insert(0, f"raise data.max_images (now {data_cfg.max_images}: only a prefix of the split is used)")
+    raise DataError(f"{'classes' if len(empty) > 1 else 'class'} {shown} {'are' if len(empty) > 1 else 'is'} "
+                    f"carried by none of the {len(ds)} images of the training split "
+                    f"{data_cfg.train_split!r}: the classifier cannot learn it, so no CAM, pseudo-mask or "
+                    f"prediction would ever contain it. Fix: {'; or '.join(fixes)}; or check the labels file.")
 
 
 def _normalizer(model: CamClassifier):

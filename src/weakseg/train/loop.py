@@ -20,7 +20,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from weakseg import dist
-from weakseg.io import write_bytes
+from weakseg.io import CheckpointError, load_weights_file, write_bytes
 from weakseg.runs import StageContext
 
 
@@ -49,12 +49,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load with weights_only=True: a checkpoint that would run code is refused."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {str(e)[:300]}). "
-                           "weakseg only loads plain tensor checkpoints (weights_only=True).") from e
+    """Load with weights_only=True: a checkpoint that would run code is refused (CheckpointError, a RuntimeError
+    naming the file and the Python object it references); a truncated or corrupt one is a CheckpointError too."""
+    state = load_weights_file(path, map_location)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a weakseg checkpoint (holds a {type(state).__name__}, not a dict)")
+    return state
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -81,16 +81,22 @@ def fit(
     select_key: str = "val_loss",
     num_workers: int = 0,
     checkpoint_every: int = 0,
+    batch_fn: Optional[Callable[[int], list[list[int]]]] = None,
 ) -> FitResult:
     """Train `model` for `epochs`; keep the epoch with the lowest `validate(model)[select_key]` as model.pt.
 
     `loss_fn(model, batch)` returns the scalar loss of one batch. `validate` must not use pixel labels
-    unless the user asked for it (it is given the unwrapped model).
+    unless the user asked for it (it is given the unwrapped model). `batch_fn(epoch)` replaces the default
+    `epoch_batches` (this rank's batches of dataset indices); it must be deterministic in `epoch` so that a
+    resumed run draws the same batches.
     """
+    if batch_fn is None:
+        def batch_fn(epoch: int) -> list[list[int]]:
+            return epoch_batches(len(dataset), batch_size, seed, epoch)
+
     device = ctx.device
     ckpt_path = ctx.out / "checkpoints" / "last.pt"
-    n = len(dataset)
-    iters_per_epoch = len(epoch_batches(n, batch_size, seed, 0))
+    iters_per_epoch = len(batch_fn(0))
     total = max(1, epochs * iters_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - min(it, total - 1) / total) ** 0.9)
 
@@ -127,7 +133,7 @@ def fit(
     for epoch in range(start_epoch, epochs):
         if hasattr(dataset, "epoch"):
             dataset.epoch = epoch
-        batches = epoch_batches(n, batch_size, seed, epoch)
+        batches = batch_fn(epoch)
         skip = start_batch if epoch == start_epoch else 0
         # A private generator: creating the loader must not consume the global RNG (which is checkpointed for
         # dropout), or a run resumed mid-epoch would diverge from an uninterrupted one.
