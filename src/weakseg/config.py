@@ -179,6 +179,9 @@ class EvalCfg:
 
     thresholds: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
     batch_size: int = 16
+    # Also score the segmentation model on the training images that have GT (the "train mIoU"; the only
+    # segmentation score available when the evaluation split is withheld).
+    segmentation_on_train: bool = True
 
 
 @dataclass

@@ -159,7 +159,7 @@ def run(ctx: StageContext) -> dict:
         metrics["pseudo_masks"] = evaluate_masks(ctx, train_ds, masked)
     else:
         metrics["cams"] = metrics["pseudo_masks"] = {"skipped": "no training image has a GT mask"}
-    if masked:
+    if masked and cfg.evaluate.segmentation_on_train:
         metrics["segmentation_train"] = evaluate_segmentation(
             ctx, Subset(train_ds, masked), chosen, f"{cfg.data.train_split} (masked training images)")
     try:
