@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from weakseg.cams.base import max_normalize, minmax_normalize
 from weakseg.cams.ccam import CCAMNet, sim_max_loss, sim_min_loss
+from weakseg.cams.class_specific import ClassSpecificCCAMNet
 from weakseg.cams.ecs import combine_erased, erase_by_blur, erased_cam_supervision, gaussian_blur
 from weakseg.cams.finecam import FineCAM
 from weakseg.cams.generate import CamGenerator, finalize_cam
@@ -21,7 +22,8 @@ from weakseg.models.classifier import CamClassifier
 from weakseg.train.classifier import build_classifier, check_model_for_method
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-MODEL_CLASSES = {"cam_classifier": CamClassifier, "weaktr": WeakTrNet, "ccam": CCAMNet}
+MODEL_CLASSES = {"cam_classifier": CamClassifier, "weaktr": WeakTrNet, "ccam": CCAMNet,
+                 "class_specific_ccam": ClassSpecificCCAMNet}
 SIZE, SQUARE = 64, 24
 
 
@@ -198,6 +200,18 @@ class TestCCAMWithECSTraining(PlantedObjectCheck, CamMethodTester):
 
 class TestCCAMOnResNet(CamMethodTester):
     method, backbone = "ccam", "test_resnet"
+
+
+class TestClassSpecificCCAM(PlantedObjectCheck, CamMethodTester):
+    """Shared backbone (a frozen random test backbone has no features to localise with); the planted check
+    trains head 0 on the object images only (unlabelled images train the probe only)."""
+
+    method, backbone = "class_specific_ccam", "test_efficientnet"
+    options = (("ccam_backbone", "shared"),)
+
+
+class TestClassSpecificCCAMFrozen(CamMethodTester):
+    method, backbone = "class_specific_ccam", "test_resnet"
 
 
 def test_every_registered_method_has_a_tester():
@@ -453,6 +467,8 @@ def test_train_cls_and_cams_stages_run_end_to_end(tmp_path, overrides):
     ("weaktr", "hybrid_test", ()),
     ("ccam", "test_efficientnet", (("ecs", True),)),
     ("ccam", "test_resnet", ()),
+    ("class_specific_ccam", "test_efficientnet", (("ccam_backbone", "shared"),)),
+    ("class_specific_ccam", "test_resnet", ()),
 ])
 def test_every_trainable_parameter_gets_a_gradient(model, backbone, options):
     """DDP (find_unused_parameters=False) fails on a trainable parameter outside the loss graph."""
