@@ -118,10 +118,17 @@ class ClassSpecificCCAMNet(nn.Module):
                 return self._raw_features(x)
         return self._raw_features(x)
 
-    def head_logit(self, z: torch.Tensor, k: int) -> torch.Tensor:
+    def head_logit(self, z: torch.Tensor, k: int, batch_stats: bool = False) -> torch.Tensor:
         """Head k on features (B, Dz, h, w) -> oriented logit (B, 1, h, w), foreground positive.
-        In training, head k's border statistic is updated from this batch (its own class's images)."""
-        raw = self.heads[k](z)
+
+        In training, head k's border statistic is updated from this batch (its own class's images).
+        `batch_stats`: normalise with this batch's statistics, as in training, without touching the running ones
+        (the held-out selection loss; see `group_losses`)."""
+        if batch_stats:
+            conv, bn = self.heads[k]
+            raw = F.batch_norm(conv(z), None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+        else:
+            raw = self.heads[k](z)
         if self.training:
             with torch.no_grad():
                 border = torch.sigmoid(raw)[:, 0][:, border_mask(*raw.shape[-2:], raw.device)].mean()
@@ -140,13 +147,19 @@ class ClassSpecificCCAMNet(nn.Module):
     def probe_logits(self, z: torch.Tensor) -> torch.Tensor:
         return self.probe(z.detach().mean(dim=(2, 3), keepdim=True)).flatten(1)
 
-    def group_losses(self, z: torch.Tensor, groups: torch.Tensor) -> dict[int, tuple[torch.Tensor, int]]:
-        """{class k: (CCAM loss of head k on the images of group k, their number)}; group -1 = no head."""
+    def group_losses(self, z: torch.Tensor, groups: torch.Tensor,
+                     batch_stats: bool = False) -> dict[int, tuple[torch.Tensor, int]]:
+        """{class k: (CCAM loss of head k on the images of group k, their number)}; group -1 = no head.
+
+        `batch_stats=True` (held-out selection): the heads' BatchNorm uses the statistics of these images, i.e. the
+        training objective itself. Each head sees only ~n_k / batch_size batches per epoch, so its running
+        statistics lag its weights for many epochs; an eval-mode loss then mostly measures that lag (it favoured
+        the first epochs in practice) rather than the separation the head has learnt."""
         out = {}
         for k in sorted(int(g) for g in torch.unique(groups) if int(g) >= 0):
             sel = groups == k
             zk = z[sel]
-            prob = torch.sigmoid(self.head_logit(zk, k))
+            prob = torch.sigmoid(self.head_logit(zk, k, batch_stats))
             out[k] = (ccam_contrast_loss(zk, prob, self.alpha), int(sel.sum()))
         return out
 

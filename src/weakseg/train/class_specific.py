@@ -6,9 +6,10 @@ per-class checkpoint selection without pixel labels.
 - Batches are drawn per class (seeded per epoch, batch order shuffled), so head k only ever sees images of
   class k in a batch, as the reference's per-class training loops did.
 - Selection, frozen backbone: head k keeps the epoch with the lowest CCAM loss on the held-out images of
-  class k (the seeded data.val_fraction hold-out restricted to that class); the probe keeps the epoch with
-  the lowest held-out BCE. model.pt is assembled from these. Heads without held-out images keep the last
-  epoch. Shared backbone: one epoch for everything (lowest held-out summed loss), since the heads share it.
+  class k (the seeded data.val_fraction hold-out restricted to that class, in chunks of at most batch_size,
+  BatchNorm on the chunk's statistics as in training); the probe keeps the epoch with the lowest held-out BCE.
+  model.pt is assembled from these. Heads without held-out images keep the last epoch. Shared backbone: one
+  epoch for everything (lowest held-out summed loss), since the heads share it.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class ClassSpecificTraining:
                 bce_n += int(y[sel].numel())
                 scores.append(torch.sigmoid(logits[sel]).cpu().numpy())
                 labels.append(y[sel].cpu().numpy())
-            for k, (loss, n) in m.group_losses(z, g).items():
+            for k, (loss, n) in m.group_losses(z, g, batch_stats=True).items():
                 sums[k] = sums.get(k, 0.0) + float(loss) * n
                 counts[k] = counts.get(k, 0) + n
         from weakseg.train.classifier import mean_average_precision
