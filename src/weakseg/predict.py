@@ -12,7 +12,7 @@ from weakseg.data.imageio import list_images, read_image
 from weakseg.io import read_json, save_label_png
 from weakseg.models.inference import SegPredictor
 from weakseg.models.segmentation import build_seg_model
-from weakseg.runs import StageError, verify_outputs
+from weakseg.runs import StageError, require_all_written, verify_outputs
 from weakseg.train.loop import load_checkpoint
 
 
@@ -54,8 +54,5 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, dev
         target = out / f"{f.stem}.png"
         save_label_png(target, labels)
         written.append(target)
-    dist.barrier()
-    missing = [f.stem for f in files if not (out / f"{f.stem}.png").exists()]
-    if missing:
-        raise RuntimeError(f"predict: {len(missing)} outputs missing, e.g. {missing[:5]}")
+    require_all_written(out, [f.stem for f in files], ".png", "predict")
     return written

@@ -157,6 +157,16 @@ def verify_outputs(stage_dir: Path) -> tuple[bool, str]:
     return True, "up to date"
 
 
+def require_all_written(folder: Path, stems: list[str], suffix: str, what: str) -> None:
+    """The merge check of a sharded per-image stage: after every rank has written its share (barrier), each
+    of `stems` must have its `folder/<stem><suffix>` file, or the stage fails naming the missing ones."""
+    dist.barrier()
+    missing = [stem for stem in stems if not (folder / f"{stem}{suffix}").exists()]
+    if missing:
+        raise StageError(f"{what}: {len(missing)} of {len(stems)} files missing after all ranks finished, "
+                         f"e.g. {missing[:5]}")
+
+
 def stage_is_done(cfg: PipelineCfg, stage: str) -> tuple[bool, str]:
     """(done?, reason) — verifies fingerprint, file count and checksum, so corrupt output is never trusted."""
     sdir = cfg.run_dir / stage

@@ -26,7 +26,7 @@ from weakseg.data.base import WeakSegDataset
 from weakseg.data.torch_datasets import resize_image, shrink_to, to_float_tensor
 from weakseg.io import save_cam
 from weakseg.models.backbones import normalizer
-from weakseg.runs import StageContext, StageError
+from weakseg.runs import StageContext, require_all_written
 
 
 class CamInputs(torch.utils.data.Dataset):
@@ -127,10 +127,7 @@ def run(ctx: StageContext) -> dict:
                      (int(hs[b]), int(ws[b])))
         done += x.shape[0]
     seconds = time.time() - t0
-    dist.barrier()
-    missing = [sid for sid in ds.ids if not (out_dir / f"{sid}.npz").exists()]
-    if missing:
-        raise StageError(f"cams: {len(missing)} CAM files missing after generation, e.g. {missing[:5]}")
+    require_all_written(out_dir, ds.ids, ".npz", "cams")
     return {
         "method": cfg.cams.method,
         "scales": cfg.cams.scales,

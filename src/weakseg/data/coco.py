@@ -24,8 +24,8 @@ from typing import Optional
 from weakseg.config import DataCfg
 from weakseg.data.base import DataError
 from weakseg.data.files import (
-    FileDataset, ProblemLog, Sample, allowed_roots, config_path, escapes, load_cls_labels, lookup_cls_labels,
-    read_id_list, unsafe_name_reason,
+    FileDataset, ProblemLog, Sample, allowed_roots, config_path, listed_sample_ok, load_cls_labels,
+    lookup_cls_labels, read_id_list, unsafe_name_reason,
 )
 
 COCO_CLASSES = [
@@ -83,18 +83,9 @@ class CocoDataset(FileDataset):
         allowed = allowed_roots(root, images_dir, mask_folder)
         samples: list[Sample] = []
         for sample_id in read_id_list(list_path, log):
-            reason = unsafe_name_reason(sample_id)
-            if reason:
-                log.add(sample_id, list_path, reason)
-                continue
             image = images_dir / f"{sample_id}.jpg"
             mask: Optional[Path] = mask_folder / f"{sample_id}.png" if has_masks else None
-            escaping = [(p, r) for p in (image, mask) if p is not None and (r := escapes(p, allowed))]
-            if escaping:
-                log.add(sample_id, escaping[0][0], f"id {sample_id!r} of {list_path}: {escaping[0][1]}")
-                continue
-            if not image.is_file():
-                log.add(sample_id, image, f"image missing for id {sample_id!r} listed in {list_path}")
+            if not listed_sample_ok(sample_id, list_path, image, mask, allowed, log):
                 continue
             if mask is not None and not mask.is_file():
                 log.add(sample_id, mask, f"mask missing for id {sample_id!r} listed in {list_path}")

@@ -93,6 +93,27 @@ def allowed_roots(*folders: Path) -> list[Path]:
     return [f.resolve() for f in folders]
 
 
+def listed_sample_ok(sample_id: str, list_path: Path, image: Path, mask: Optional[Path], allowed: list[Path],
+                     log: ProblemLog) -> bool:
+    """Checks shared by the list-file datasets: a safe id, paths inside the dataset, an existing image.
+
+    Logs the first problem to `log` and returns False; the caller checks its own mask rule and labels.
+    """
+    reason = unsafe_name_reason(sample_id)
+    if reason:
+        log.add(sample_id, list_path, reason)
+        return False
+    for path in (image, mask):
+        problem = escapes(path, allowed) if path is not None else None
+        if problem:
+            log.add(sample_id, path, f"id {sample_id!r} of {list_path}: {problem}")
+            return False
+    if not image.is_file():
+        log.add(sample_id, image, f"image missing for id {sample_id!r} listed in {list_path}")
+        return False
+    return True
+
+
 def read_id_list(path: Path, log: ProblemLog) -> list[str]:
     """Ids of a one-column list file (blank and '#' lines ignored), duplicates reported and dropped.
 

@@ -13,7 +13,7 @@ from weakseg import dist
 from weakseg.data import build_dataset, collapse_to_binary
 from weakseg.io import load_cam, save_label_png
 from weakseg.masks.makers import build_mask_maker, otsu_threshold
-from weakseg.runs import StageContext, StageError
+from weakseg.runs import StageContext, StageError, require_all_written
 
 
 def upsample_cam(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -71,10 +71,7 @@ def run(ctx: StageContext) -> dict:
         save_label_png(out_dir / f"{ds.ids[i]}.png", mask)
         fg_fraction.append(float(((mask > 0) & (mask < 255)).mean()))
     seconds = time.time() - t0
-    dist.barrier()
-    missing = [sid for sid in ds.ids if not (out_dir / f"{sid}.png").exists()]
-    if missing:
-        raise StageError(f"masks: {len(missing)} pseudo-masks missing, e.g. {missing[:5]}")
+    require_all_written(out_dir, ds.ids, ".png", "masks")
     return {
         "method": cfg.masks.method,
         "bg_threshold": maker.bg_threshold if maker.needs_threshold else None,
