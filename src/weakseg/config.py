@@ -171,6 +171,8 @@ class SegTrainCfg:
     infer_size: int = 0  # longer image side at inference; 0 = crop_size
     infer_scales: list[float] = field(default_factory=lambda: [1.0])
     infer_flip: bool = False
+    infer_window: int = 0  # sliding-window side (pixels, at inference size); 0 = the whole image in one pass
+    infer_window_overlap: float = 0.33  # fraction of the window shared by neighbouring windows
 
 
 @dataclass

@@ -1,0 +1,103 @@
+"""SegPredictor: whole-image, multi-scale + flip and sliding-window inference at the input's own size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from weakseg.config import load_config
+from weakseg.models.inference import SegPredictor, _window_starts
+
+
+class PixelwiseModel(torch.nn.Module):
+    """A 1x1 conv: its output at a pixel depends on that pixel only, so tiling must not change it."""
+
+    mean, std, size_divisor = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 1
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, classes, 1)
+        self.calls: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(x.shape[2:]))
+        return self.conv(x)
+
+
+class TileMeanModel(PixelwiseModel):
+    """Output = the mean of its whole input tile: tiling changes it, so overlaps must be averaged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(x.shape[2:]))
+        return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+
+
+def image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("length,window,stride", [(70, 32, 21), (64, 32, 32), (32, 32, 10), (33, 32, 21)])
+def test_window_starts_cover_the_length_and_end_flush(length, window, stride):
+    starts = _window_starts(length, window, stride)
+    covered = np.zeros(length, bool)
+    for s in starts:
+        covered[s:s + window] = True
+    assert covered.all() and starts[0] == 0 and starts[-1] == length - window
+    assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
+
+
+def test_sliding_window_equals_whole_image_for_a_pixelwise_model():
+    model = PixelwiseModel()
+    whole = SegPredictor(model, infer_size=70).probabilities(image(50, 70))
+    model.calls.clear()
+    tiled = SegPredictor(model, infer_size=70, window=32, window_overlap=0.33).probabilities(image(50, 70))
+    assert len(model.calls) == 2 * 3 and set(model.calls) == {(32, 32)}  # rows 0,18 x cols 0,21,38
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+
+
+def test_overlapping_tiles_are_averaged_pixel_by_pixel():
+    model = TileMeanModel()
+    x = torch.zeros(1, 3, 4, 6)
+    x[..., :, 3:] = 1.0  # left half 0, right half 1
+    predictor = SegPredictor(model, infer_size=6, window=4, window_overlap=0.5)  # tiles at columns 0 and 2
+    out = predictor.logits(x)
+    # tile [0, 4) has mean 0.25, tile [2, 6) mean 0.75; columns 2-3 are in both -> 0.5
+    expected = torch.tensor([0.25, 0.25, 0.5, 0.5, 0.75, 0.75])
+    torch.testing.assert_close(out[0, 0, 0], expected)
+
+
+def test_a_window_larger_than_the_image_is_one_plain_forward_pass():
+    model = PixelwiseModel()
+    SegPredictor(model, infer_size=40, window=64).probabilities(image(30, 40))
+    assert model.calls == [(30, 40)]
+
+
+def test_small_side_is_zero_padded_up_to_the_window_and_cropped_back():
+    model = PixelwiseModel()
+    predictor = SegPredictor(model, infer_size=80, window=32)
+    x = torch.randn(1, 3, 20, 80)
+    out = predictor.logits(x)
+    assert out.shape == (1, 3, 20, 80) and set(model.calls) == {(32, 32)}
+    torch.testing.assert_close(out, model.conv(x), atol=1e-5, rtol=0)
+
+
+def test_multiscale_flip_probabilities_are_a_distribution_at_the_input_size():
+    predictor = SegPredictor(PixelwiseModel(), infer_size=48, scales=[0.75, 1.0, 1.5], flip=True, window=32)
+    probs = predictor.probabilities(image(37, 53))
+    assert probs.shape == (3, 37, 53)
+    torch.testing.assert_close(probs.sum(0), torch.ones(37, 53))
+    assert predictor.labels(image(37, 53)).shape == (37, 53)
+
+
+def test_bad_window_settings_are_errors():
+    with pytest.raises(ValueError, match="overlap"):
+        SegPredictor(PixelwiseModel(), infer_size=32, window=16, window_overlap=1.0)
+
+
+def test_from_config_reads_the_inference_keys(tmp_path):
+    cfg = load_config(None, ["train_seg.crop_size=96", "train_seg.infer_window=64", "train_seg.infer_flip=true",
+                             "train_seg.infer_scales=[1.0,1.25]"])
+    p = SegPredictor.from_config(PixelwiseModel(), cfg.train_seg)
+    assert (p.infer_size, p.window, p.flip, p.scales) == (96, 64, True, [1.0, 1.25])
