@@ -95,7 +95,7 @@ def store_size(h: int, w: int, store_stride: int) -> tuple[int, int]:
 
 
 def build_generator(ctx: StageContext, classifier) -> CamGenerator:
-    method = build_cam_method(ctx.cfg.cams.method, classifier, ctx.cfg.cams).to(ctx.device).eval()
+    method = dist.channels_last(build_cam_method(ctx.cfg.cams.method, classifier, ctx.cfg.cams).to(ctx.device).eval())
     bb = classifier.backbone
     return CamGenerator(method, bb.mean, bb.std, bb.stride, ctx.cfg.cams.scales, ctx.cfg.cams.flip)
 
@@ -118,7 +118,7 @@ def run(ctx: StageContext) -> dict:
     t0 = time.time()
     done = 0
     for x, labels, hs, ws, idx in tqdm(loader, desc="cams", disable=not dist.is_main_process(), dynamic_ncols=True):
-        logits, cams = generator(x.to(ctx.device))
+        logits, cams = generator(dist.channels_last(x.to(ctx.device)))
         for b in range(x.shape[0]):
             i = int(idx[b])
             classes = present_classes(labels[b].numpy(), logits[b])

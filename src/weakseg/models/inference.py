@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from weakseg import dist
 from weakseg.data.torch_datasets import resize_image, to_float_tensor
 from weakseg.models.backbones import normalizer
 from weakseg.models.segmentation import SegModel
@@ -19,7 +20,7 @@ class SegPredictor:
                  device: torch.device | str = "cpu", window: int = 0, window_overlap: float = 1 / 3):
         if window < 0 or not 0 <= window_overlap < 1:
             raise ValueError(f"sliding window needs window >= 0 and 0 <= overlap < 1, got {window}, {window_overlap}")
-        self.model = model.to(device).eval()
+        self.model = dist.channels_last(model.to(device).eval())
         self.infer_size, self.scales, self.flip = infer_size, list(scales or [1.0]), flip
         self.window, self.window_overlap = window, window_overlap
         self.device = torch.device(device)
@@ -41,7 +42,7 @@ class SegPredictor:
     def probabilities(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (C, H, W) float softmax probabilities averaged over scales and flips."""
         h, w = image.shape[:2]
-        x = to_float_tensor(image).to(self.device)[None]
+        x = dist.channels_last(to_float_tensor(image).to(self.device)[None])
         total = None
         for s in self.scales:
             xs = self.normalize(resize_image(x, self._size(h, w, s)))
