@@ -13,6 +13,7 @@ import argparse
 import torch
 
 from bench.common import timed, write_result
+from weakseg import dist
 from weakseg.cams.generate import CamGenerator, finalize_cam, present_classes, store_size
 from weakseg.cams.methods import build_cam_method
 from weakseg.models.backbones import normalizer
@@ -29,8 +30,10 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=20)
     args = p.parse_args()
     torch.manual_seed(0)
-    model = CamClassifier(build_backbone(args.backbone, pretrained=False), args.classes).eval()
-    batches = [torch.rand(args.batch, 3, args.size, args.size) for _ in range(max(1, args.images // args.batch))]
+    # channels-last for both sides, as the cams stage runs
+    model = dist.channels_last(CamClassifier(build_backbone(args.backbone, pretrained=False), args.classes).eval())
+    batches = [dist.channels_last(torch.rand(args.batch, 3, args.size, args.size))
+               for _ in range(max(1, args.images // args.batch))]
     labels = (torch.rand(args.batch, args.classes) < 0.1).float()
     norm = normalizer(model.backbone.mean, model.backbone.std)
     gen = CamGenerator(build_cam_method("cam", model), model.backbone.mean, model.backbone.std,

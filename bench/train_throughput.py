@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import write_result
+from weakseg import dist
 from weakseg.config import PipelineCfg
 from weakseg.data import DemoDataset
 from weakseg.data.torch_datasets import ClassificationDataset, SegmentationDataset
@@ -29,8 +30,9 @@ from weakseg.train.loop import fit
 
 
 def bare_loop(model, loss_of, batches) -> float:
+    """The same model, loss and optimizer on pre-made (channels-last, as `fit` uses) tensors."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model.train()
+    dist.channels_last(model).train()
     t0 = time.perf_counter()
     for x, y in batches:
         loss = loss_of(model, x, y)
@@ -75,9 +77,11 @@ def main() -> None:
     def seg_loss(m, x, y):
         return F.cross_entropy(m(norm_s(x)), y, ignore_index=255)
 
-    cls_batches = [(torch.rand(args.batch, 3, args.size, args.size), torch.rand(args.batch, 5).round())
-                   for _ in range(n_batches)]
-    seg_batches = [(torch.rand(args.batch, 3, args.size, args.size),
+    def image_batch():
+        return dist.channels_last(torch.rand(args.batch, 3, args.size, args.size))
+
+    cls_batches = [(image_batch(), torch.rand(args.batch, 5).round()) for _ in range(n_batches)]
+    seg_batches = [(image_batch(),
                     torch.randint(0, 6, (args.batch, args.size, args.size))) for _ in range(n_batches)]
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, loss_of, bare_batches, dataset in [

@@ -101,3 +101,18 @@ def test_from_config_reads_the_inference_keys(tmp_path):
                              "train_seg.infer_scales=[1.0,1.25]"])
     p = SegPredictor.from_config(PixelwiseModel(), cfg.train_seg)
     assert (p.infer_size, p.window, p.flip, p.scales) == (96, 64, True, [1.0, 1.25])
+
+
+def test_channels_last_converts_conv_weights_and_images_only_and_keeps_values():
+    from weakseg import dist
+
+    model = PixelwiseModel()
+    x = torch.randn(2, 3, 5, 7)
+    before = model.conv(x)
+    dist.channels_last(model)
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    y = dist.channels_last(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model.conv(y), before)
+    labels = torch.zeros(2, 5, 7, dtype=torch.long)
+    assert dist.channels_last(labels) is labels and dist.channels_last("text") == "text"
