@@ -304,8 +304,25 @@ def test_late_keys_leave_existing_fingerprints_alone_until_set():
     assert stage_fingerprint(changed, "cams") == stage_fingerprint(cfg, "cams")
 
 
+def test_train_cls_is_redone_when_the_init_from_model_changes(tmp_path):
+    from weakseg.runs import stage_fingerprint
+
+    cfg = load_config(None, [f"runs_dir={tmp_path}", "train_cls.init_from=src"])
+    missing = stage_fingerprint(cfg, "train-cls")
+    model = tmp_path / "src" / "train-cls" / "model.pt"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"weights v1")
+    v1 = stage_fingerprint(cfg, "train-cls")
+    model.write_bytes(b"weights v2")
+    v2 = stage_fingerprint(cfg, "train-cls")
+    (model.parent / "done.json").write_text('{"checksum": "abc"}')
+    marked = stage_fingerprint(cfg, "train-cls")
+    assert len({missing, v1, v2, marked}) == 4
+    assert stage_fingerprint(cfg, "train-cls") == marked  # stable while nothing changes
+
+
 def test_init_from_loads_another_runs_backbone_and_rejects_a_different_one(tmp_path):
-    from weakseg.train.classifier import resolve_init_from
+    from weakseg.runs import resolve_init_from
 
     torch.manual_seed(1)
     source = CamClassifier.from_config(ClsTrainCfg(backbone="test_efficientnet", pretrained=False), 2)

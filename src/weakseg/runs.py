@@ -92,6 +92,30 @@ def environment_info() -> dict[str, Any]:
     }
 
 
+def resolve_init_from(init_from: str, runs_dir: str | Path) -> Path:
+    """train_cls.init_from = a run name under runs_dir, a run folder, its train-cls folder or a model.pt -> file."""
+    tried = []
+    for base in (Path(init_from), Path(runs_dir) / init_from):
+        for candidate in (base, base / "model.pt", base / "train-cls" / "model.pt"):
+            tried.append(str(candidate))
+            if candidate.is_file():
+                return candidate
+    raise FileNotFoundError(f"train_cls.init_from={init_from!r}: no train-cls model.pt found (tried "
+                            f"{', '.join(tried)}); run that preset first")
+
+
+def _init_from_identity(init_from: str, runs_dir: str | Path) -> Optional[str]:
+    """Checksum of the train-cls stage whose model `init_from` names (or of the file itself); None if absent."""
+    try:
+        path = resolve_init_from(init_from, runs_dir)
+    except FileNotFoundError:
+        return None  # the stage itself raises the clear error when it runs
+    marker = read_marker(path.parent / "done.json")
+    if marker and marker.get("checksum"):
+        return marker["checksum"]
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def stage_fingerprint(cfg: PipelineCfg, stage: str) -> str:
     """Hash of the stage's config sections plus the checksums of its upstream stages' markers."""
     tree = to_dict(cfg)
@@ -106,6 +130,8 @@ def stage_fingerprint(cfg: PipelineCfg, stage: str) -> str:
             if marker.exists():
                 upstream["agnostic_cams_run"] = (read_marker(marker) or {}).get("checksum")
                 break
+    if stage == "train-cls" and cfg.train_cls.init_from:  # its starting weights are an input too
+        upstream["init_from"] = _init_from_identity(cfg.train_cls.init_from, cfg.runs_dir)
     blob = json.dumps({"stage": stage, "config": own, "upstream": upstream}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -19,7 +19,7 @@ from weakseg.data import DataError, build_dataset, train_val_indices
 from weakseg.data.torch_datasets import ClassificationDataset
 from weakseg.io import write_json
 from weakseg.models.classifier import CamClassifier
-from weakseg.runs import StageContext
+from weakseg.runs import StageContext, resolve_init_from
 from weakseg.train.loop import fit, load_checkpoint
 
 
@@ -71,18 +71,6 @@ def check_model_for_method(cfg) -> None:
     if cfg.train_cls.weaktr_token_init not in ("auto", "replicate", "random"):
         raise ConfigError(f"train_cls.weaktr_token_init={cfg.train_cls.weaktr_token_init!r}; "
                           "valid: auto, replicate, random")
-
-
-def resolve_init_from(init_from: str, runs_dir: str | Path) -> Path:
-    """train_cls.init_from = a run name under runs_dir, a run folder, its train-cls folder or a model.pt -> file."""
-    tried = []
-    for base in (Path(init_from), Path(runs_dir) / init_from):
-        for candidate in (base, base / "model.pt", base / "train-cls" / "model.pt"):
-            tried.append(str(candidate))
-            if candidate.is_file():
-                return candidate
-    raise FileNotFoundError(f"train_cls.init_from={init_from!r}: no train-cls model.pt found (tried "
-                            f"{', '.join(tried)}); run that preset first")
 
 
 def init_backbone_from(model, path: Path) -> dict:
