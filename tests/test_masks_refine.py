@@ -246,3 +246,26 @@ def test_masks_stage_fuses_another_runs_agnostic_cams(tmp_path):
         agree += int((mask[valid] == gt[valid]).sum())
         total += int(valid.sum())
     assert agree / total > 0.9  # GT-derived agnostic + class maps give back the GT (up to stride-4 blur)
+
+
+def test_masks_stage_in_worker_processes_writes_the_same_masks(tmp_path):
+    pytest.importorskip("pydensecrf.densecrf")
+    outputs = {}
+    for workers in (0, 2):
+        cfg = load_config(None, TINY_DEMO + [f"runs_dir={tmp_path}", f"name=w{workers}", "masks.method=crf",
+                                             "masks.bg_threshold=0.4", f"masks.num_workers={workers}"])
+        ds = fake_upstream(cfg)
+        metrics = masks_stage(cfg)
+        assert metrics["workers"] == workers
+        outputs[workers] = {sid: load_label_png(cfg.run_dir / "masks" / "masks" / f"{sid}.png") for sid in ds.ids}
+    assert outputs[0].keys() == outputs[2].keys() and len(outputs[0]) == 10
+    for sid, mask in outputs[0].items():
+        np.testing.assert_array_equal(mask, outputs[2][sid], err_msg=sid)
+
+
+def test_worker_count_is_not_part_of_the_masks_fingerprint():
+    from weakseg.runs import stage_fingerprint
+
+    one, two = (load_config(None, [f"masks.num_workers={n}"]) for n in (0, 2))
+    assert stage_fingerprint(one, "masks") == stage_fingerprint(two, "masks")
+    assert stage_fingerprint(one, "masks") != stage_fingerprint(load_config(None, ["masks.bg_threshold=0.3"]), "masks")

@@ -25,6 +25,8 @@ class ConfigError(ValueError):
 # out while it has its default value, so adding it does not invalidate existing runs. Set to anything else, it
 # is part of the fingerprint like every other key. `dump_yaml` always writes every key.
 LATE = {"late": True}
+# Keys that change how fast a stage runs, never what it writes (worker counts): never part of a fingerprint.
+SPEED_ONLY = {"speed_only": True}
 
 
 @dataclass
@@ -125,6 +127,8 @@ class MaskCfg:
     bg_threshold: float = -1.0  # < 0: chosen label-free (Otsu on the pooled CAM histogram)
     ignore_low: float = -1.0  # ignore band [low, high) around the threshold written as 255; < 0 = off
     ignore_high: float = -1.0
+    # worker processes making masks in parallel (CRF is single-threaded); 0 = in-process
+    num_workers: int = field(default=0, metadata=SPEED_ONLY)
     # crf: dense CRF (pydensecrf2) on the original RGB image, labels = background + the image's classes.
     crf_unary: str = "softmax"  # softmax: softmax([bg plane, cams] / T); labels: threshold labels, crf_gt_prob
     crf_softmax_temperature: float = 1.0  # T above (smaller = more confident unary)
@@ -171,8 +175,10 @@ class SegTrainCfg:
     infer_size: int = 0  # longer image side at inference; 0 = crop_size
     infer_scales: list[float] = field(default_factory=lambda: [1.0])
     infer_flip: bool = False
-    infer_window: int = 0  # sliding-window side (pixels, at inference size); 0 = the whole image in one pass
-    infer_window_overlap: float = 0.33  # fraction of the window shared by neighbouring windows
+    # sliding-window side (pixels, at inference size; 0 = the whole image in one pass) and the fraction of the
+    # window neighbouring windows share
+    infer_window: int = field(default=0, metadata=LATE)
+    infer_window_overlap: float = field(default=0.33, metadata=LATE)
 
 
 @dataclass
@@ -194,6 +200,9 @@ class PipelineCfg:
     runs_dir: str = "runs"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # auto = bf16 (or fp16 with loss scaling) autocast on CUDA, fp32 on the CPU | fp32 | bf16 | fp16
+    precision: str = "auto"
+    compile: bool = False  # torch.compile the model of the training stages (first steps are slower)
     data: DataCfg = field(default_factory=DataCfg)
     train_cls: ClsTrainCfg = field(default_factory=ClsTrainCfg)
     cams: CamCfg = field(default_factory=CamCfg)
@@ -359,13 +368,14 @@ def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as a nested dict for fingerprints: LATE keys at their default value are left out."""
+    """The config as a nested dict for fingerprints: LATE keys at their default value and SPEED_ONLY keys are
+    left out."""
     out = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             out[f.name] = to_dict(value)
-        elif f.metadata.get("late") and value == _default_of(f):
+        elif f.metadata.get("speed_only") or (f.metadata.get("late") and value == _default_of(f)):
             continue
         else:
             out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else _copy(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 
@@ -76,6 +77,27 @@ def channels_last(obj):
     if isinstance(obj, torch.Tensor) and obj.dim() == 4:
         return obj.contiguous(memory_format=torch.channels_last)
     return obj
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto -> bf16 autocast on CUDA devices that support it, else fp16 on CUDA, fp32 on the CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed-precision context for a resolved precision (fp32: a no-op)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def resolve_device(name: str) -> torch.device:

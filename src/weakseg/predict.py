@@ -27,7 +27,7 @@ def load_predictor(run_dir: str | Path, device: str = "auto") -> tuple[SegPredic
     model.load_state_dict(load_checkpoint(seg_dir / "model.pt")["model"])
     sc = cfg.train_seg
     dev = dist.resolve_device(device if device != "auto" else cfg.device)
-    return SegPredictor.from_config(model, sc, dev), class_names
+    return SegPredictor.from_config(model, sc, dev, cfg.precision), class_names
 
 
 def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, device: str = "auto") -> list[Path]:

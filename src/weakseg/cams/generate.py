@@ -70,7 +70,7 @@ class CamGenerator:
                 total = cam if total is None else total + cam
                 logits_sum = logits if logits_sum is None else logits_sum + logits
                 n += 1
-        return logits_sum / n, total
+        return logits_sum.float() / n, total
 
 
 def finalize_cam(cam: torch.Tensor, classes: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
@@ -115,10 +115,12 @@ def run(ctx: StageContext) -> dict:
     todo = [i for i in dist.shard(list(range(len(ds)))) if not (out_dir / f"{ds.ids[i]}.npz").exists()]
     loader = torch.utils.data.DataLoader(CamInputs(ds, todo, cam_input_size(ctx)), batch_size=cfg.cams.batch_size,
                                          num_workers=cfg.train_cls.num_workers)
+    precision = dist.resolve_precision(cfg.precision, ctx.device)
     t0 = time.time()
     done = 0
     for x, labels, hs, ws, idx in tqdm(loader, desc="cams", disable=not dist.is_main_process(), dynamic_ncols=True):
-        logits, cams = generator(dist.channels_last(x.to(ctx.device)))
+        with dist.autocast(ctx.device, precision):
+            logits, cams = generator(dist.channels_last(x.to(ctx.device)))
         for b in range(x.shape[0]):
             i = int(idx[b])
             classes = present_classes(labels[b].numpy(), logits[b])

@@ -43,6 +43,7 @@ class MaskMaker:
     """Base class: `make(cams, classes, image) -> (H, W) uint8`. `needs_threshold` makers get one set."""
 
     needs_threshold = True
+    parallel_safe = True  # may run in forked worker processes (masks.num_workers)
 
     def __init__(self, cfg: MaskCfg):
         self.cfg = cfg
@@ -103,6 +104,7 @@ class RefinerMaker(MaskMaker):
     """weaktr-refinery CNN-decoder refiner; `prepare` trains it, masks follow `masks.loss_threshold`."""
 
     needs_threshold = False
+    parallel_safe = False  # holds a torch model: runs in-process
 
     def __init__(self, cfg: MaskCfg):
         super().__init__(cfg)

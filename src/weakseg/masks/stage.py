@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import time
 
 import numpy as np
@@ -40,6 +41,40 @@ def choose_threshold(cfg_threshold: float, cam_dir, ids: list[str]) -> tuple[flo
     return otsu_threshold(cam_histogram(cam_dir, ids)), "label-free: Otsu on the pooled top-CAM histogram"
 
 
+class _MaskJob:
+    """One image: CAM file + original RGB -> pseudo-mask PNG; returns its foreground fraction."""
+
+    def __init__(self, ds, maker, cam_dir, out_dir, binary: bool):
+        self.ds, self.maker, self.cam_dir, self.out_dir, self.binary = ds, maker, cam_dir, out_dir, binary
+
+    def __call__(self, i: int) -> float:
+        ds = self.ds
+        cam, classes, size = load_cam(self.cam_dir / f"{ds.ids[i]}.npz")
+        image = ds.image(i)
+        if tuple(image.shape[:2]) != tuple(size):
+            raise StageError(f"{ds.source(i)}: image is {image.shape[1]}x{image.shape[0]} but its CAM was made "
+                             f"for {size[1]}x{size[0]}")
+        mask = self.maker.make(upsample_cam(cam, size), classes, image, **self.maker.extra_inputs(ds.ids[i], size))
+        if self.binary:
+            mask = collapse_to_binary(mask)
+        save_label_png(self.out_dir / f"{ds.ids[i]}.png", mask)
+        return float(((mask > 0) & (mask < 255)).mean())
+
+
+_worker_job: _MaskJob | None = None
+
+
+def _init_worker(job: _MaskJob) -> None:
+    global _worker_job
+    torch.set_num_threads(1)
+    _worker_job = job
+
+
+def _work(i: int) -> float:
+    assert _worker_job is not None
+    return _worker_job(i)
+
+
 def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     ds = build_dataset(cfg.data, cfg.data.train_split)
@@ -58,18 +93,15 @@ def run(ctx: StageContext) -> dict:
         maker.bg_threshold = threshold
     todo = [i for i in dist.shard(list(range(len(ds)))) if not (out_dir / f"{ds.ids[i]}.png").exists()]
     t0 = time.time()
-    fg_fraction = []
-    for i in tqdm(todo, desc="masks", disable=not dist.is_main_process(), dynamic_ncols=True):
-        cam, classes, size = load_cam(cam_dir / f"{ds.ids[i]}.npz")
-        image = ds.image(i)
-        if tuple(image.shape[:2]) != tuple(size):
-            raise StageError(f"{ds.source(i)}: image is {image.shape[1]}x{image.shape[0]} but its CAM was made "
-                             f"for {size[1]}x{size[0]}")
-        mask = maker.make(upsample_cam(cam, size), classes, image, **maker.extra_inputs(ds.ids[i], size))
-        if cfg.data.binary_masks:
-            mask = collapse_to_binary(mask)
-        save_label_png(out_dir / f"{ds.ids[i]}.png", mask)
-        fg_fraction.append(float(((mask > 0) & (mask < 255)).mean()))
+    job = _MaskJob(ds, maker, cam_dir, out_dir, cfg.data.binary_masks)
+    workers = cfg.masks.num_workers if maker.parallel_safe else 0
+    bar = dict(desc="masks", total=len(todo), disable=not dist.is_main_process(), dynamic_ncols=True)
+    if workers > 0 and len(todo) > 1:
+        # fork: the workers inherit the dataset and the maker (nothing to pickle); each runs one image at a time
+        with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+            fg_fraction = list(tqdm(pool.imap(_work, todo, chunksize=4), **bar))
+    else:
+        fg_fraction = [job(i) for i in tqdm(todo, **bar)]
     seconds = time.time() - t0
     require_all_written(out_dir, ds.ids, ".png", "masks")
     return {
@@ -79,5 +111,6 @@ def run(ctx: StageContext) -> dict:
         "images": len(ds),
         "mean_foreground_fraction_this_attempt": float(np.mean(fg_fraction)) if fg_fraction else None,
         "seconds": round(seconds, 1),
+        "workers": workers,
         **maker_metrics,
     }

@@ -17,21 +17,24 @@ class SegPredictor:
     """Wraps a trained `SegModel`: image (H, W, 3) uint8 -> class probabilities (C, H, W) / labels (H, W)."""
 
     def __init__(self, model: SegModel, infer_size: int, scales: list[float] | None = None, flip: bool = False,
-                 device: torch.device | str = "cpu", window: int = 0, window_overlap: float = 1 / 3):
+                 device: torch.device | str = "cpu", window: int = 0, window_overlap: float = 1 / 3,
+                 precision: str = "fp32"):
         if window < 0 or not 0 <= window_overlap < 1:
             raise ValueError(f"sliding window needs window >= 0 and 0 <= overlap < 1, got {window}, {window_overlap}")
         self.model = dist.channels_last(model.to(device).eval())
         self.infer_size, self.scales, self.flip = infer_size, list(scales or [1.0]), flip
-        self.window, self.window_overlap = window, window_overlap
         self.device = torch.device(device)
+        self.window, self.window_overlap = window, window_overlap
+        self.precision = dist.resolve_precision(precision, self.device)
         self.normalize = normalizer(model.mean, model.std)
         self.divisor = getattr(model, "size_divisor", 32)
 
     @classmethod
-    def from_config(cls, model: SegModel, sc, device: torch.device | str = "cpu") -> "SegPredictor":
+    def from_config(cls, model: SegModel, sc, device: torch.device | str = "cpu",
+                    precision: str = "fp32") -> "SegPredictor":
         """From a `SegTrainCfg` (infer_size, infer_scales, infer_flip, infer_window, infer_window_overlap)."""
         return cls(model, sc.infer_size or sc.crop_size, sc.infer_scales, sc.infer_flip, device,
-                   sc.infer_window, sc.infer_window_overlap)
+                   sc.infer_window, sc.infer_window_overlap, precision)
 
     def _size(self, h: int, w: int, scale: float) -> tuple[int, int]:
         f = self.infer_size * scale / max(h, w)
@@ -54,20 +57,24 @@ class SegPredictor:
                 total = p if total is None else total + p
         return total / (len(self.scales) * (2 if self.flip else 1))
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with dist.autocast(self.device, self.precision):
+            return self.model(x).float()
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(1, 3, h, w) normalised -> (1, C, h, w) logits: one forward pass, or the average over overlapping
         `window` x `window` tiles when the image is larger than the window (zero padding where it is smaller)."""
         h, w = x.shape[2:]
         win = self.window
         if win <= 0 or (h <= win and w <= win):
-            return self.model(x)
+            return self._forward(x)
         stride = max(1, int(win * (1 - self.window_overlap)))
         ph, pw = max(h, win), max(w, win)
         x = F.pad(x, (0, pw - w, 0, ph - h))
         total = count = None
         for top in _window_starts(ph, win, stride):
             for left in _window_starts(pw, win, stride):
-                out = self.model(x[:, :, top:top + win, left:left + win])
+                out = self._forward(x[:, :, top:top + win, left:left + win])
                 if total is None:
                     total = out.new_zeros(1, out.shape[1], ph, pw)
                     count = out.new_zeros(1, 1, ph, pw)

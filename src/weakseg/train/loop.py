@@ -105,6 +105,8 @@ def fit(
     model.to(device)
     layout = dist.channels_last if channels_last else (lambda t: t)
     layout(model)
+    precision = dist.resolve_precision(ctx.cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start_epoch, start_batch, best = 0, 0, {"epoch": -1, "score": math.inf}
     history: list[dict] = []
     if ckpt_path.exists():
@@ -112,6 +114,8 @@ def fit(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
         best = {"epoch": int(state["best_epoch"]), "score": float(state["best_score"])}
@@ -122,12 +126,14 @@ def fit(
     if dist.is_distributed():
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
+    if ctx.cfg.compile:
+        train_model = torch.compile(train_model)
 
     def checkpoint(epoch: int, batch: int) -> None:
         if dist.is_main_process():
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "epoch": epoch, "batch": batch, "best_epoch": best["epoch"], "best_score": best["score"],
                 "history": history,
             })
@@ -150,10 +156,12 @@ def fit(
                    disable=not dist.is_main_process(), leave=False, dynamic_ncols=True)
         for b, batch in enumerate(bar, start=skip):
             batch = tuple(layout(t.to(device, non_blocking=True)) for t in batch)
-            loss = loss_fn(train_model, batch)
+            with dist.autocast(device, precision):
+                loss = loss_fn(train_model, batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             step += 1
             loss_value = float(loss.detach())

@@ -66,7 +66,7 @@ def load_seg_model(ctx: StageContext, num_classes: int) -> SegModel:
 
 def predictor_for(ctx: StageContext, model: SegModel) -> SegPredictor:
     sc = ctx.cfg.train_seg
-    return SegPredictor.from_config(model, sc, ctx.device)
+    return SegPredictor.from_config(model, sc, ctx.device, ctx.cfg.precision)
 
 
 def run(ctx: StageContext) -> dict:

@@ -1,0 +1,108 @@
+"""Speed options of the stages: mixed precision (autocast + loss scaling), torch.compile, channels-last."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weakseg import dist
+from weakseg.config import PipelineCfg
+from weakseg.models.inference import SegPredictor
+from weakseg.runs import StageContext
+from weakseg.train.loop import fit
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class ToySet(torch.utils.data.Dataset):
+    """Noise images shifted by +1 (class 1) or -1 (class 0): learnable by a tiny conv net in a few steps."""
+
+    def __init__(self, n: int = 32):
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.randint(0, 2, (n,), generator=g)
+        self.x = torch.randn(n, 3, 8, 8, generator=g) + (2.0 * self.y - 1.0)[:, None, None, None]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+def toy_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, 2))
+
+
+def train_toy(tmp_path, **cfg_keys):
+    cfg = PipelineCfg(runs_dir=str(tmp_path), name="toy", **cfg_keys)
+    ctx = StageContext(cfg, "toy", torch.device("cpu"))
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    model = toy_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    seen_dtypes = []
+
+    def loss_fn(m, batch):
+        logits = m(batch[0])
+        seen_dtypes.append(logits.dtype)
+        return F.cross_entropy(logits.float(), batch[1])
+
+    result = fit(ctx, model, ToySet(), loss_fn, opt, epochs=3, batch_size=8, seed=0)
+    ctx.close()
+    return model, result, seen_dtypes
+
+
+def test_precision_auto_is_fp32_on_the_cpu_and_bad_names_list_the_valid_ones():
+    assert dist.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert dist.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="fp32, bf16, fp16"):
+        dist.resolve_precision("half", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_fit_trains_under_each_precision(tmp_path, precision, dtype):
+    model, result, dtypes = train_toy(tmp_path, precision=precision)
+    assert set(dtypes) == {dtype}  # the forward really ran under (or outside) autocast
+    losses = [h["epoch_train_loss"] for h in result.history]
+    assert losses[-1] < losses[0] * 0.5
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_fp16_uses_loss_scaling_and_resumes_its_state(tmp_path):
+    model, result, dtypes = train_toy(tmp_path, precision="fp16")
+    assert set(dtypes) == {torch.float16}
+    state = torch.load(tmp_path / "toy" / "toy" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0  # the GradScaler's state is checkpointed for resume
+    assert np.isfinite([h["epoch_train_loss"] for h in result.history]).all()
+
+
+def test_compile_option_compiles_the_training_model(tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
+    train_toy(tmp_path / "off")
+    assert compiled == []
+    train_toy(tmp_path / "on", compile=True)
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+
+
+def test_bf16_inference_returns_fp32_probabilities_close_to_fp32():
+    class Net(torch.nn.Module):
+        mean, std, size_divisor = (0.5,) * 3, (0.25,) * 3, 1
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    net = Net()
+    full = SegPredictor(net, 30).probabilities(image)
+    half = SegPredictor(net, 30, precision="bf16").probabilities(image)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, atol=0.03, rtol=0)
