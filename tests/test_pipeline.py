@@ -65,6 +65,24 @@ def test_config_change_reruns_downstream_only(tiny_cfg, tiny_overrides):
     assert json.loads((changed.run_dir / "masks" / "metrics.json").read_text())["bg_threshold"] == 0.9
 
 
+def test_mask_eval_split_restricts_cam_and_mask_scoring_to_its_images(tiny_cfg, tiny_overrides):
+    import torch
+
+    from weakseg.evaluate import stage as evaluate
+    from weakseg.runs import StageContext, StageError
+
+    run_pipeline(tiny_cfg)
+    for split, expected in (("train", 24), ("test", None)):
+        cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + [f"data.mask_eval_split={split}",
+                                                                            "evaluate.segmentation_on_train=false"])
+        ctx = StageContext(cfg, "evaluate", torch.device("cpu"))
+        if expected is None:  # the test images have no CAMs: a clear error, not an empty score
+            with pytest.raises(StageError, match="mask_eval_split='test'"):
+                evaluate.run(ctx)
+        else:
+            assert evaluate.run(ctx)["cams"]["images"] == expected
+
+
 def test_corrupt_or_missing_output_is_redone(tiny_cfg):
     run_stages(tiny_cfg, ["train-cls", "cams"])
     cam_files = sorted((tiny_cfg.run_dir / "cams" / "cams").glob("*.npz"))

@@ -37,7 +37,8 @@ class DataCfg:
     root: str = ""  # dataset folder (VOCdevkit/VOC2007, oxford-iiit-pet, ...); unused for demo
     train_split: str = "train"  # split whose image-level labels train the classifier
     eval_split: str = "test"  # split with pixel GT on which the segmentation model is scored
-    mask_eval_split: str = ""  # split whose pixel GT scores CAMs/pseudo-masks; "" = the train split's masked images
+    # CAMs / pseudo-masks are scored on the train images with GT masks; a split name keeps only those it lists
+    mask_eval_split: str = ""
     val_fraction: float = 0.1  # seeded hold-out of train images for label-free model selection
     label_mode: str = "binary"  # pet: binary | species | breeds
     trimap_border: str = "ignore"  # pet: ignore | pet | background

@@ -23,7 +23,7 @@ from weakseg.evaluate.metrics import ConfusionMatrix, PerImageMeter, summarize_b
 from weakseg.io import load_cam, load_label_png, read_json, write_json
 from weakseg.masks.makers import threshold_labels
 from weakseg.masks.stage import upsample_cam
-from weakseg.runs import StageContext
+from weakseg.runs import StageContext, StageError
 
 
 def _masked_indices(ds: WeakSegDataset) -> list[int]:
@@ -150,6 +150,12 @@ def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     train_ds = seg_dataset(cfg.data, cfg.data.train_split)
     masked = _masked_indices(train_ds)
+    if cfg.data.mask_eval_split:  # score CAMs / pseudo-masks only on the train images listed in that split
+        listed = set(build_dataset(cfg.data, cfg.data.mask_eval_split, validate=False).ids)
+        masked = [i for i in masked if train_ds.ids[i] in listed]
+        if not masked:
+            raise StageError(f"data.mask_eval_split={cfg.data.mask_eval_split!r}: none of its images is a "
+                             f"{cfg.data.train_split!r} image with a GT mask (CAMs exist for train images only)")
     chosen = read_json(ctx.upstream("masks") / "metrics.json").get("bg_threshold")
     chosen = 0.5 if chosen is None else float(chosen)
     metrics: dict = {"convention": "dataset-pooled confusion matrix over all pixels, ignore_index=255; "
