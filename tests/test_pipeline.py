@@ -160,3 +160,19 @@ def test_killed_run_resumes_without_redoing_completed_stages(tiny_overrides, tmp
     assert (run_dir / "train-cls" / "done.json").read_text() == cls_marker
     for stage in STAGES:
         assert (run_dir / stage / "done.json").exists()
+
+
+def test_cams_of_a_threshold_free_mask_maker_are_scored_at_the_label_free_threshold(tiny_overrides):
+    from weakseg.masks.makers import otsu_threshold
+    from weakseg.masks.stage import cam_histogram
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + [
+        "masks.method=refiner", "masks.refiner_epochs=1", "masks.refiner_batch_size=8", "masks.refiner_image_size=32",
+        "masks.refiner_size=small", "masks.refiner_window=20", "train_seg.epochs=1",
+        "evaluate.segmentation_on_train=false"])
+    run_pipeline(cfg)
+    masks = json.loads((cfg.run_dir / "masks" / "metrics.json").read_text())
+    cams = json.loads((cfg.run_dir / "evaluate" / "metrics.json").read_text())["cams"]
+    ids = [p.stem for p in (cfg.run_dir / "cams" / "cams").glob("*.npz")]
+    assert masks["bg_threshold"] is None and cams["threshold_used"] != 0.5  # not the old fixed default
+    assert cams["threshold_used"] == otsu_threshold(cam_histogram(cfg.run_dir / "cams" / "cams", ids))

@@ -22,7 +22,7 @@ from weakseg.data.base import DataError, Subset, WeakSegDataset
 from weakseg.evaluate.metrics import ConfusionMatrix, PerImageMeter, summarize_binary
 from weakseg.io import load_cam, load_label_png, read_json, write_json
 from weakseg.masks.makers import threshold_labels
-from weakseg.masks.stage import upsample_cam
+from weakseg.masks.stage import choose_threshold, upsample_cam
 from weakseg.runs import StageContext, StageError
 
 
@@ -157,7 +157,9 @@ def run(ctx: StageContext) -> dict:
             raise StageError(f"data.mask_eval_split={cfg.data.mask_eval_split!r}: none of its images is a "
                              f"{cfg.data.train_split!r} image with a GT mask (CAMs exist for train images only)")
     chosen = read_json(ctx.upstream("masks") / "metrics.json").get("bg_threshold")
-    chosen = 0.5 if chosen is None else float(chosen)
+    if chosen is None:  # the mask maker used no CAM threshold (refiner): score CAMs at the label-free one
+        chosen, _ = choose_threshold(-1.0, ctx.upstream("cams") / "cams", train_ds.ids)
+    chosen = float(chosen)
     metrics: dict = {"convention": "dataset-pooled confusion matrix over all pixels, ignore_index=255; "
                                    "per-image averages are labelled per_image_average"}
     if masked:
