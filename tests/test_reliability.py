@@ -376,6 +376,7 @@ def test_disk_full_during_a_stage_stops_then_the_same_command_finishes(run_copy,
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
+    overrides = [*overrides, "masks.num_workers=0"]  # in-process: the write counter above is this process's
     assert main(["masks", DEMO, *overrides, "--force"]) == 2
     monkeypatch.setattr(os, "replace", real_replace)
     err = capsys.readouterr().err
@@ -560,3 +561,31 @@ def test_unreadable_attempt_record_starts_the_stage_afresh(run_copy):
     begin_stage(cfg, "masks")
     assert not (sdir / "masks").exists()  # partial work of an attempt that cannot be identified is not reused
     assert read_json(sdir / "attempt.json")["fingerprint"]
+
+
+def test_disk_full_in_a_mask_worker_process_is_the_same_clear_error(run_copy, reference_run, monkeypatch, capsys,
+                                                                    tmp_path):
+    overrides, cfg = run_copy
+    masks = cfg.run_dir / "masks"
+    victim = sorted((reference_run / "masks" / "masks").iterdir())[7].name
+    tripped = tmp_path / "tripped"  # shared by the forked workers through the file system
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == victim and not tripped.exists():
+            tripped.touch()
+            _enospc()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)  # inherited by the forked workers
+    overrides = [*overrides, "masks.num_workers=2"]
+    assert main(["masks", DEMO, *overrides, "--force"]) == 2
+    monkeypatch.setattr(os, "replace", real_replace)
+    err = capsys.readouterr().err
+    assert _error_line(err).startswith(f"weakseg: error: cannot write {masks}/masks/{victim}")
+    _assert_disk_full_message(err, masks / "masks" / victim)
+    assert not (masks / "done.json").exists() and not (masks / "masks" / victim).exists()
+    assert main(["masks", DEMO, *overrides]) == 0
+    ref = sorted(p.name for p in (reference_run / "masks" / "masks").iterdir())
+    assert sorted(p.name for p in (masks / "masks").iterdir()) == ref
+    assert all((masks / "masks" / n).read_bytes() == (reference_run / "masks" / "masks" / n).read_bytes() for n in ref)

@@ -296,8 +296,10 @@ def test_late_keys_leave_existing_fingerprints_alone_until_set():
     tree = to_dict(cfg)
     assert not {"ccam_backbone", "init_from", "weaktr_token_init"} & set(tree["train_cls"])
     full = dataclasses.asdict(cfg)
-    for k in ("ccam_backbone", "init_from", "weaktr_token_init"):
-        full["train_cls"].pop(k)
+    for section, key in (("train_cls", "ccam_backbone"), ("train_cls", "init_from"),
+                         ("train_cls", "weaktr_token_init"), ("train_seg", "infer_window"),
+                         ("train_seg", "infer_window_overlap"), ("masks", "num_workers")):
+        full[section].pop(key)
     assert tree == full
     changed = load_config(None, ["train_cls.init_from=other-run"])
     assert stage_fingerprint(changed, "train-cls") != stage_fingerprint(cfg, "train-cls")

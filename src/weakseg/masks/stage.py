@@ -95,13 +95,19 @@ def run(ctx: StageContext) -> dict:
     t0 = time.time()
     job = _MaskJob(ds, maker, cam_dir, out_dir, cfg.data.binary_masks)
     workers = cfg.masks.num_workers if maker.parallel_safe else 0
-    bar = dict(desc="masks", total=len(todo), disable=not dist.is_main_process(), dynamic_ncols=True)
-    if workers > 0 and len(todo) > 1:
-        # fork: the workers inherit the dataset and the maker (nothing to pickle); each runs one image at a time
-        with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
-            fg_fraction = list(tqdm(pool.imap(_work, todo, chunksize=4), **bar))
-    else:
-        fg_fraction = [job(i) for i in tqdm(todo, **bar)]
+    fg_fraction: list[float] = []
+    # the bar is closed (its line ended) before an error propagates, so the CLI's error line stands alone
+    with tqdm(desc="masks", total=len(todo), disable=not dist.is_main_process(), dynamic_ncols=True) as bar:
+        if workers > 0 and len(todo) > 1:
+            # fork: the workers inherit the dataset and the maker (nothing to pickle)
+            with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+                for fraction in pool.imap(_work, todo, chunksize=4):
+                    fg_fraction.append(fraction)
+                    bar.update()
+        else:
+            for i in todo:
+                fg_fraction.append(job(i))
+                bar.update()
     seconds = time.time() - t0
     require_all_written(out_dir, ds.ids, ".png", "masks")
     return {
