@@ -183,6 +183,12 @@ def verify_outputs(stage_dir: Path) -> tuple[bool, str]:
     return True, "up to date"
 
 
+def pending_shard(folder: Path, stems: list[str], suffix: str) -> list[int]:
+    """This rank's share of the indices of `stems` whose `folder/<stem><suffix>` file is not written yet (the
+    files already there come from an interrupted attempt and are kept: writes are atomic)."""
+    return [i for i in dist.shard(list(range(len(stems)))) if not (folder / f"{stems[i]}{suffix}").exists()]
+
+
 def require_all_written(folder: Path, stems: list[str], suffix: str, what: str) -> None:
     """The merge check of a sharded per-image stage: after every rank has written its share (barrier), each
     of `stems` must have its `folder/<stem><suffix>` file, or the stage fails naming the missing ones."""

@@ -26,7 +26,7 @@ from weakseg.data.base import WeakSegDataset
 from weakseg.data.torch_datasets import resize_image, shrink_to, to_float_tensor
 from weakseg.io import save_cam
 from weakseg.models.backbones import normalizer
-from weakseg.runs import StageContext, require_all_written
+from weakseg.runs import StageContext, pending_shard, require_all_written
 
 
 class CamInputs(torch.utils.data.Dataset):
@@ -112,7 +112,7 @@ def run(ctx: StageContext) -> dict:
     out_dir = ctx.out / "cams"
     classifier = load_classifier(ctx)
     generator = build_generator(ctx, classifier)
-    todo = [i for i in dist.shard(list(range(len(ds)))) if not (out_dir / f"{ds.ids[i]}.npz").exists()]
+    todo = pending_shard(out_dir, ds.ids, ".npz")
     loader = torch.utils.data.DataLoader(CamInputs(ds, todo, cam_input_size(ctx)), batch_size=cfg.cams.batch_size,
                                          num_workers=cfg.train_cls.num_workers)
     precision = dist.resolve_precision(cfg.precision, ctx.device)

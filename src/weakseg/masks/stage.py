@@ -14,7 +14,7 @@ from weakseg import dist
 from weakseg.data import build_dataset, collapse_to_binary
 from weakseg.io import load_cam, save_label_png
 from weakseg.masks.makers import build_mask_maker, otsu_threshold
-from weakseg.runs import StageContext, StageError, require_all_written
+from weakseg.runs import StageContext, StageError, pending_shard, require_all_written
 
 
 def upsample_cam(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -91,7 +91,7 @@ def run(ctx: StageContext) -> dict:
             rule += f" of {threshold_dir}"
         threshold, rule = dist.broadcast_object((threshold, rule))
         maker.bg_threshold = threshold
-    todo = [i for i in dist.shard(list(range(len(ds)))) if not (out_dir / f"{ds.ids[i]}.png").exists()]
+    todo = pending_shard(out_dir, ds.ids, ".png")
     t0 = time.time()
     job = _MaskJob(ds, maker, cam_dir, out_dir, cfg.data.binary_masks)
     workers = cfg.masks.num_workers if maker.parallel_safe else 0
