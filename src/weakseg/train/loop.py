@@ -82,15 +82,13 @@ def fit(
     num_workers: int = 0,
     checkpoint_every: int = 0,
     batch_fn: Optional[Callable[[int], list[list[int]]]] = None,
-    channels_last: bool = True,
 ) -> FitResult:
     """Train `model` for `epochs`; keep the epoch with the lowest `validate(model)[select_key]` as model.pt.
 
     `loss_fn(model, batch)` returns the scalar loss of one batch. `validate` must not use pixel labels
     unless the user asked for it (it is given the unwrapped model). `batch_fn(epoch)` replaces the default
     `epoch_batches` (this rank's batches of dataset indices); it must be deterministic in `epoch` so that a
-    resumed run draws the same batches. `channels_last` trains the model and its 4-D inputs in that memory
-    format (faster convolutions; see `dist.channels_last`).
+    resumed run draws the same batches. The model and its 4-D inputs run channels-last (`dist.channels_last`).
     """
     if batch_fn is None:
         def batch_fn(epoch: int) -> list[list[int]]:
@@ -103,8 +101,7 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - min(it, total - 1) / total) ** 0.9)
 
     model.to(device)
-    layout = dist.channels_last if channels_last else (lambda t: t)
-    layout(model)
+    dist.channels_last(model)
     precision = dist.resolve_precision(ctx.cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start_epoch, start_batch, best = 0, 0, {"epoch": -1, "score": math.inf}
@@ -155,7 +152,7 @@ def fit(
         bar = tqdm(loader, desc=f"{ctx.stage} epoch {epoch + 1}/{epochs}", initial=skip, total=len(batches),
                    disable=not dist.is_main_process(), leave=False, dynamic_ncols=True)
         for b, batch in enumerate(bar, start=skip):
-            batch = tuple(layout(t.to(device, non_blocking=True)) for t in batch)
+            batch = tuple(dist.channels_last(t.to(device, non_blocking=True)) for t in batch)
             with dist.autocast(device, precision):
                 loss = loss_fn(train_model, batch)
             optimizer.zero_grad(set_to_none=True)
