@@ -94,6 +94,17 @@ def store_size(h: int, w: int, store_stride: int) -> tuple[int, int]:
     return max(1, math.ceil(h / store_stride)), max(1, math.ceil(w / store_stride))
 
 
+def save_batch(out_dir: Path, ids: list[str], batch: tuple, logits: torch.Tensor, cams: torch.Tensor,
+               store_stride: int) -> None:
+    """Write one CamInputs batch's CAMs: (labels, H, W, index) of the batch, (B, C) logits, (B, C, g, g) CAMs."""
+    labels, hs, ws, idx = batch
+    for b in range(len(idx)):
+        classes = present_classes(labels[b].numpy(), logits[b])
+        size = store_size(int(hs[b]), int(ws[b]), store_stride)
+        save_cam(out_dir / f"{ids[int(idx[b])]}.npz", finalize_cam(cams[b], classes, size), classes + 1,
+                 (int(hs[b]), int(ws[b])))
+
+
 def build_generator(ctx: StageContext, classifier) -> CamGenerator:
     method = dist.channels_last(build_cam_method(ctx.cfg.cams.method, classifier, ctx.cfg.cams).to(ctx.device).eval())
     bb = classifier.backbone
@@ -121,12 +132,7 @@ def run(ctx: StageContext) -> dict:
     for x, labels, hs, ws, idx in tqdm(loader, desc="cams", disable=not dist.is_main_process(), dynamic_ncols=True):
         with dist.autocast(ctx.device, precision):
             logits, cams = generator(dist.channels_last(x.to(ctx.device)))
-        for b in range(x.shape[0]):
-            i = int(idx[b])
-            classes = present_classes(labels[b].numpy(), logits[b])
-            size = store_size(int(hs[b]), int(ws[b]), cfg.cams.store_stride)
-            save_cam(out_dir / f"{ds.ids[i]}.npz", finalize_cam(cams[b], classes, size), classes + 1,
-                     (int(hs[b]), int(ws[b])))
+        save_batch(out_dir, ds.ids, (labels, hs, ws, idx), logits, cams, cfg.cams.store_stride)
         done += x.shape[0]
     seconds = time.time() - t0
     require_all_written(out_dir, ds.ids, ".npz", "cams")
