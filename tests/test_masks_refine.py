@@ -248,8 +248,14 @@ def test_masks_stage_fuses_another_runs_agnostic_cams(tmp_path):
     assert agree / total > 0.9  # GT-derived agnostic + class maps give back the GT (up to stride-4 blur)
 
 
-def test_masks_stage_in_worker_processes_writes_the_same_masks(tmp_path):
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_masks_stage_in_worker_processes_writes_the_same_masks(tmp_path, monkeypatch, start_method):
+    import multiprocessing as mp
+
+    import weakseg.masks.stage as stage
+
     pytest.importorskip("pydensecrf.densecrf")
+    monkeypatch.setattr(stage, "pool_context", lambda: mp.get_context(start_method))  # spawn = macOS / Windows
     outputs = {}
     for workers in (0, 2):
         cfg = load_config(None, TINY_DEMO + [f"runs_dir={tmp_path}", f"name=w{workers}", "masks.method=crf",

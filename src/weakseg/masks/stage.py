@@ -75,6 +75,12 @@ def _work(i: int) -> float:
     return _worker_job(i)
 
 
+def pool_context() -> mp.context.BaseContext:
+    """fork where the platform has it (workers inherit the dataset and the maker, nothing to pickle), else spawn
+    (macOS / Windows: the job is pickled once per worker)."""
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
 def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     ds = build_dataset(cfg.data, cfg.data.train_split)
@@ -99,8 +105,7 @@ def run(ctx: StageContext) -> dict:
     # the bar is closed (its line ended) before an error propagates, so the CLI's error line stands alone
     with tqdm(desc="masks", total=len(todo), disable=not dist.is_main_process(), dynamic_ncols=True) as bar:
         if workers > 0 and len(todo) > 1:
-            # fork: the workers inherit the dataset and the maker (nothing to pickle)
-            with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+            with pool_context().Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
                 for fraction in pool.imap(_work, todo, chunksize=4):
                     fg_fraction.append(fraction)
                     bar.update()
