@@ -15,7 +15,6 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -25,7 +24,7 @@ from weakseg import dist
 from weakseg.cams.generate import CamInputs, build_generator, cam_input_size, save_batch
 from weakseg.config import load_config
 from weakseg.data import build_dataset, seg_dataset
-from weakseg.evaluate.stage import _masked_indices, evaluate_cams
+from weakseg.evaluate.stage import evaluate_cams, masked_indices
 from weakseg.masks.stage import choose_threshold
 from weakseg.runs import StageContext
 from weakseg.train.classifier import load_classifier
@@ -44,7 +43,7 @@ def main() -> None:
     ctx = StageContext(cfg, "cams", dist.resolve_device(cfg.device))
     cls_ds = build_dataset(cfg.data, cfg.data.train_split)
     scored_ds = seg_dataset(cfg.data, cfg.data.train_split)
-    masked = _masked_indices(scored_ds)
+    masked = masked_indices(scored_ds)
     ids = [cls_ds.ids[i] for i in masked]
 
     generator = build_generator(ctx, load_classifier(ctx))
@@ -61,8 +60,7 @@ def main() -> None:
             model_seconds += time.perf_counter() - t0
             save_batch(cam_dir, cls_ds.ids, (labels, hs, ws, idx), logits, cams, cfg.cams.store_stride)
         threshold, rule = choose_threshold(-1.0, cam_dir, ids)
-        scored = evaluate_cams(SimpleNamespace(cfg=cfg, upstream=lambda stage: Path(tmp)), scored_ds, masked,
-                               cfg.evaluate.thresholds, threshold)
+        scored = evaluate_cams(ctx, scored_ds, masked, cfg.evaluate.thresholds, threshold, cam_dir)
     write_result(f"cam_quality-{args.label}", {
         "run": str(run_dir),
         "overrides": args.overrides,

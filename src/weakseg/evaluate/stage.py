@@ -11,6 +11,8 @@ All numbers are dataset-pooled (confusion matrix over all pixels, 255 ignored).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -26,7 +28,7 @@ from weakseg.masks.stage import choose_threshold, upsample_cam
 from weakseg.runs import StageContext, StageError
 
 
-def _masked_indices(ds: WeakSegDataset) -> list[int]:
+def masked_indices(ds: WeakSegDataset) -> list[int]:
     return [i for i in range(len(ds)) if ds.has_mask(i)]
 
 
@@ -44,9 +46,8 @@ def _as_scored(ctx: StageContext, pred: np.ndarray) -> np.ndarray:
 
 
 def evaluate_cams(ctx: StageContext, ds: WeakSegDataset, indices: list[int], thresholds: list[float],
-                  chosen: float) -> dict:
-    """`ds` is the scored (segmentation-side) view; CAMs are in the classifier's class space."""
-    cam_dir = ctx.upstream("cams") / "cams"
+                  chosen: float, cam_dir: Path) -> dict:
+    """`ds` is the scored (segmentation-side) view; CAMs (`cam_dir`/<id>.npz) are in the classifier's class space."""
     sweep = {t: ConfusionMatrix(ds.num_classes, ds.class_names) for t in thresholds}
     at_chosen = ConfusionMatrix(ds.num_classes, ds.class_names)
     per_image = []
@@ -104,7 +105,7 @@ def evaluate_segmentation(ctx: StageContext, eval_ds: WeakSegDataset, chosen_thr
     from weakseg.train.classifier import load_classifier
     from weakseg.train.segmentation import load_seg_model, predictor_for
 
-    indices = _masked_indices(eval_ds)
+    indices = masked_indices(eval_ds)
     if not indices:
         return {"skipped": f"split {split!r} has no pixel GT"}
     predictor = predictor_for(ctx, load_seg_model(ctx, eval_ds.num_classes))
@@ -149,21 +150,22 @@ def evaluate_segmentation(ctx: StageContext, eval_ds: WeakSegDataset, chosen_thr
 def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     train_ds = seg_dataset(cfg.data, cfg.data.train_split)
-    masked = _masked_indices(train_ds)
+    masked = masked_indices(train_ds)
     if cfg.data.mask_eval_split:  # score CAMs / pseudo-masks only on the train images listed in that split
         listed = set(build_dataset(cfg.data, cfg.data.mask_eval_split, validate=False).ids)
         masked = [i for i in masked if train_ds.ids[i] in listed]
         if not masked:
             raise StageError(f"data.mask_eval_split={cfg.data.mask_eval_split!r}: none of its images is a "
                              f"{cfg.data.train_split!r} image with a GT mask (CAMs exist for train images only)")
+    cam_dir = ctx.upstream("cams") / "cams"
     chosen = read_json(ctx.upstream("masks") / "metrics.json").get("bg_threshold")
     if chosen is None:  # the mask maker used no CAM threshold (refiner): score CAMs at the label-free one
-        chosen, _ = choose_threshold(-1.0, ctx.upstream("cams") / "cams", train_ds.ids)
+        chosen, _ = choose_threshold(-1.0, cam_dir, train_ds.ids)
     chosen = float(chosen)
     metrics: dict = {"convention": "dataset-pooled confusion matrix over all pixels, ignore_index=255; "
                                    "per-image averages are labelled per_image_average"}
     if masked:
-        metrics["cams"] = evaluate_cams(ctx, train_ds, masked, cfg.evaluate.thresholds, chosen)
+        metrics["cams"] = evaluate_cams(ctx, train_ds, masked, cfg.evaluate.thresholds, chosen, cam_dir)
         metrics["pseudo_masks"] = evaluate_masks(ctx, train_ds, masked)
     else:
         metrics["cams"] = metrics["pseudo_masks"] = {"skipped": "no training image has a GT mask"}
