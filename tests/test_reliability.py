@@ -589,3 +589,15 @@ def test_disk_full_in_a_mask_worker_process_is_the_same_clear_error(run_copy, re
     ref = sorted(p.name for p in (reference_run / "masks" / "masks").iterdir())
     assert sorted(p.name for p in (masks / "masks").iterdir()) == ref
     assert all((masks / "masks" / n).read_bytes() == (reference_run / "masks" / "masks" / n).read_bytes() for n in ref)
+
+
+def test_resumed_attempt_drops_the_temporaries_of_killed_writes(run_copy):
+    _, cfg = run_copy
+    sdir = cfg.run_dir / "masks"
+    (sdir / "done.json").unlink()  # an interrupted attempt with the same fingerprint: its masks are kept
+    kept = sorted((sdir / "masks").iterdir())
+    stale = sdir / "masks" / f".{kept[0].name}.k3x9q.tmp"  # what atomic_path leaves when its writer is killed
+    stale.write_bytes(b"half a png")
+    begin_stage(cfg, "masks")
+    assert not stale.exists()
+    assert sorted((sdir / "masks").iterdir()) == kept

@@ -279,6 +279,9 @@ def begin_stage(cfg: PipelineCfg, stage: str) -> None:
             same = interrupted and (read_marker(attempt) or {}).get("fingerprint") == fp
             if not same:
                 shutil.rmtree(sdir)
+            else:  # a killed writer (SIGKILL, a terminated worker process) leaves its atomic_path temporary
+                for tmp in sdir.rglob(".*.tmp"):
+                    tmp.unlink()
         sdir.mkdir(parents=True, exist_ok=True)
         write_json(attempt, {"fingerprint": fp, "started": time.time()})
         write_text(sdir / "config.yaml", dump_yaml(cfg))
