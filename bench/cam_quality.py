@@ -11,7 +11,6 @@ Nothing is written into the run directory; the CAMs go to a temporary folder.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -19,31 +18,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.common import write_result
+from bench.common import masked_training_images, quality_args, run_context, write_result
 from weakseg import dist
 from weakseg.cams.generate import CamInputs, build_generator, cam_input_size, save_batch
-from weakseg.config import load_config
-from weakseg.data import build_dataset, seg_dataset
-from weakseg.evaluate.stage import evaluate_cams, masked_indices
+from weakseg.evaluate.stage import evaluate_cams
 from weakseg.masks.stage import choose_threshold
-from weakseg.runs import StageContext
 from weakseg.train.classifier import load_classifier
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", required=True, help="run directory with a completed train-cls stage")
-    ap.add_argument("--label", required=True, help="row name; the result goes to bench/out/cam_quality-<label>.json")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config (cams.*)")
-    args = ap.parse_args()
-
+    args = quality_args(__doc__, "a completed train-cls stage", "cam_quality")
     run_dir = Path(args.run)
-    cfg = load_config(run_dir / "train-cls" / "config.yaml", args.overrides)
-    cfg.runs_dir, cfg.name = str(run_dir.parent), run_dir.name
-    ctx = StageContext(cfg, "cams", dist.resolve_device(cfg.device))
-    cls_ds = build_dataset(cfg.data, cfg.data.train_split)
-    scored_ds = seg_dataset(cfg.data, cfg.data.train_split)
-    masked = masked_indices(scored_ds)
+    ctx = run_context(run_dir, "train-cls", "cams", args.overrides)
+    cfg = ctx.cfg
+    cls_ds, scored_ds, masked = masked_training_images(cfg)
     ids = [cls_ds.ids[i] for i in masked]
 
     generator = build_generator(ctx, load_classifier(ctx))

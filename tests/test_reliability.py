@@ -601,3 +601,53 @@ def test_resumed_attempt_drops_the_temporaries_of_killed_writes(run_copy):
     begin_stage(cfg, "masks")
     assert not stale.exists()
     assert sorted((sdir / "masks").iterdir()) == kept
+
+
+# --- worker counts are speed-only ----------------------------------------------------------------------------------
+
+def test_worker_counts_leave_recorded_stages_up_to_date_including_runs_recorded_before(run_copy):
+    from weakseg.runs import STAGES, stage_fingerprint
+
+    overrides, cfg = run_copy
+    faster = load_config(DEMO, overrides + ["train_cls.num_workers=2", "train_seg.num_workers=2"])
+    assert [stage_is_done(faster, s) for s in STAGES] == [(True, "up to date")] * len(STAGES)
+    # Runs recorded while the worker counts were still hashed carry the older fingerprint: still up to date.
+    for stage in STAGES:
+        marker = cfg.run_dir / stage / "done.json"
+        info = read_json(marker)
+        assert info["fingerprint"] == stage_fingerprint(cfg, stage)
+        legacy = stage_fingerprint(cfg, stage, legacy=True)
+        # the legacy hash does include the worker counts (of the two training stages, the only ones hashing them)
+        assert (legacy != info["fingerprint"]) == (stage in ("train-cls", "train-seg"))
+        write_json(marker, {**info, "fingerprint": legacy})
+    assert all(stage_is_done(cfg, s)[0] for s in STAGES)
+    # ...and a real change is still a change under either hash.
+    other = load_config(DEMO, overrides + ["train_seg.epochs=3"])
+    assert stage_is_done(other, "train-seg") == (False, "config or upstream outputs changed")
+    assert stage_is_done(other, "train-cls")[0]
+
+
+@pytest.mark.parametrize("kind", ["classification", "segmentation"])
+def test_training_samples_do_not_depend_on_the_worker_count(kind, tmp_path):
+    """What makes the worker counts speed-only: every sample's augmentation is seeded by (seed, epoch, index)."""
+    from weakseg.data import seg_dataset
+    from weakseg.data.torch_datasets import ClassificationDataset, SegmentationDataset
+
+    cfg = load_config(DEMO, TINY_OVERRIDES + [f"runs_dir={tmp_path}"])
+    if kind == "classification":
+        ds = build_dataset(cfg.data, cfg.data.train_split)
+        train_set = ClassificationDataset(ds, list(range(8)), 32, train=True, seed=3)
+    else:
+        ds = seg_dataset(cfg.data, cfg.data.eval_split)
+        train_set = SegmentationDataset(ds, list(range(8)), ds.mask, 32, train=True, seed=3)
+    train_set.epoch = 2
+    batches = {}
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(train_set, batch_size=4, shuffle=False, num_workers=workers)
+        batches[workers] = [tuple(t.clone() for t in b) for b in loader]
+    for b0, b2 in zip(batches[0], batches[2], strict=True):
+        for t0, t2 in zip(b0, b2, strict=True):
+            torch.testing.assert_close(t0, t2, rtol=0, atol=0)
+    train_set.epoch = 3
+    again = next(iter(torch.utils.data.DataLoader(train_set, batch_size=4, shuffle=False)))
+    assert not torch.equal(again[0], batches[0][0][0])

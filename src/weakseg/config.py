@@ -27,6 +27,9 @@ class ConfigError(ValueError):
 LATE = {"late": True}
 # Keys that change how fast a stage runs, never what it writes (worker counts): never part of a fingerprint.
 SPEED_ONLY = {"speed_only": True}
+# Speed-only keys that fingerprints hashed before they were marked so: `to_dict(cfg, legacy=True)` keeps them,
+# and a stage recorded with that older fingerprint stays up to date (see `runs.accepted_fingerprints`).
+SPEED_ONLY_ONCE_HASHED = {"speed_only": True, "once_hashed": True}
 
 
 @dataclass
@@ -78,7 +81,7 @@ class ClsTrainCfg:
     backbone_lr_scale: float = 0.1
     weight_decay: float = 1e-4
     image_size: int = 128
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=SPEED_ONLY_ONCE_HASHED)  # DataLoader workers (also the cams stage's)
     checkpoint_every: int = 0  # iterations between mid-epoch checkpoints; 0 = once per epoch
     # Which model train-cls trains (each CAM method needs its own, see weakseg.cams.methods.REQUIRED_MODEL):
     model: str = "cam_classifier"  # cam_classifier (cam, finecam) | weaktr (cams.method=weaktr) | ccam
@@ -164,7 +167,7 @@ class SegTrainCfg:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     crop_size: int = 128
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=SPEED_ONLY_ONCE_HASHED)
     gt_ratio: float = 0.0  # fixed seeded fraction of train images whose GT masks replace pseudo-masks
     targets: str = "pseudo"  # pseudo | gt (fully-supervised upper bound: only train images with GT masks)
     loss: str = "ce"  # ce | gradient_clipping (WeakTr online retraining)
@@ -368,15 +371,17 @@ def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
     return tree
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
+def to_dict(cfg: Any, legacy: bool = False) -> dict[str, Any]:
     """The config as a nested dict for fingerprints: LATE keys at their default value and SPEED_ONLY keys are
-    left out."""
+    left out (`legacy`: SPEED_ONLY_ONCE_HASHED keys are kept, as fingerprints made before them hashed them)."""
     out = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            out[f.name] = to_dict(value)
-        elif f.metadata.get("speed_only") or (f.metadata.get("late") and value == _default_of(f)):
+            out[f.name] = to_dict(value, legacy)
+        elif f.metadata.get("late") and value == _default_of(f):
+            continue
+        elif f.metadata.get("speed_only") and not (legacy and f.metadata.get("once_hashed")):
             continue
         else:
             out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else _copy(value)

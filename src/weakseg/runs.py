@@ -116,9 +116,10 @@ def _init_from_identity(init_from: str, runs_dir: str | Path) -> Optional[str]:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def stage_fingerprint(cfg: PipelineCfg, stage: str) -> str:
-    """Hash of the stage's config sections plus the checksums of its upstream stages' markers."""
-    tree = to_dict(cfg)
+def stage_fingerprint(cfg: PipelineCfg, stage: str, legacy: bool = False) -> str:
+    """Hash of the stage's config sections plus the checksums of its upstream stages' markers (`legacy`: as
+    computed before some speed-only keys left the hash; see `accepted_fingerprints`)."""
+    tree = to_dict(cfg, legacy)
     own = {k: tree[k] for k in STAGE_SECTIONS[stage]}
     upstream = {}
     for up in UPSTREAM[stage]:
@@ -134,6 +135,12 @@ def stage_fingerprint(cfg: PipelineCfg, stage: str) -> str:
         upstream["init_from"] = _init_from_identity(cfg.train_cls.init_from, cfg.runs_dir)
     blob = json.dumps({"stage": stage, "config": own, "upstream": upstream}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def accepted_fingerprints(cfg: PipelineCfg, stage: str) -> set[str]:
+    """Fingerprints under which a recorded stage is up to date: the current one, and the one runs recorded before
+    the worker counts left the hash (so those runs are not redone for it)."""
+    return {stage_fingerprint(cfg, stage), stage_fingerprint(cfg, stage, legacy=True)}
 
 
 def product_files(stage_dir: Path) -> list[Path]:
@@ -208,7 +215,7 @@ def stage_is_done(cfg: PipelineCfg, stage: str) -> tuple[bool, str]:
     info = read_marker(marker)
     if info is None:
         return False, "completion marker unreadable"
-    if info.get("fingerprint") != stage_fingerprint(cfg, stage):
+    if info.get("fingerprint") not in accepted_fingerprints(cfg, stage):
         return False, "config or upstream outputs changed"
     return verify_outputs(sdir)
 
@@ -271,12 +278,13 @@ def begin_stage(cfg: PipelineCfg, stage: str) -> None:
     sdir = cfg.run_dir / stage
     fp = stage_fingerprint(cfg, stage)
     attempt = sdir / "attempt.json"
+    accepted = accepted_fingerprints(cfg, stage)
     if dist.is_main_process():
         if sdir.exists():
             # Keep partial work only from an interrupted attempt with the same fingerprint. A stage that had
             # completed (marker present) but failed verification, or ran with other inputs, starts afresh.
             interrupted = attempt.exists() and not (sdir / "done.json").exists()
-            same = interrupted and (read_marker(attempt) or {}).get("fingerprint") == fp
+            same = interrupted and (read_marker(attempt) or {}).get("fingerprint") in accepted
             if not same:
                 shutil.rmtree(sdir)
             else:  # a killed writer (SIGKILL, a terminated worker process) leaves its atomic_path temporary

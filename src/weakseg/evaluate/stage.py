@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from weakseg import dist
@@ -79,8 +78,8 @@ def evaluate_cams(ctx: StageContext, ds: WeakSegDataset, indices: list[int], thr
     }
 
 
-def evaluate_masks(ctx: StageContext, ds: WeakSegDataset, indices: list[int]) -> dict:
-    mask_dir = ctx.upstream("masks") / "masks"
+def evaluate_masks(ds: WeakSegDataset, indices: list[int], mask_dir: Path) -> dict:
+    """Pseudo-masks (`mask_dir`/<id>.png) of `indices` against `ds`'s GT; ignored pixels count as background."""
     cm = ConfusionMatrix(ds.num_classes, ds.class_names)
     per = PerImageMeter(ds.num_classes, ds.class_names)
     per_image = []
@@ -166,7 +165,7 @@ def run(ctx: StageContext) -> dict:
                                    "per-image averages are labelled per_image_average"}
     if masked:
         metrics["cams"] = evaluate_cams(ctx, train_ds, masked, cfg.evaluate.thresholds, chosen, cam_dir)
-        metrics["pseudo_masks"] = evaluate_masks(ctx, train_ds, masked)
+        metrics["pseudo_masks"] = evaluate_masks(train_ds, masked, ctx.upstream("masks") / "masks")
     else:
         metrics["cams"] = metrics["pseudo_masks"] = {"skipped": "no training image has a GT mask"}
     if masked and cfg.evaluate.segmentation_on_train:

@@ -41,7 +41,7 @@ def choose_threshold(cfg_threshold: float, cam_dir, ids: list[str]) -> tuple[flo
     return otsu_threshold(cam_histogram(cam_dir, ids)), "label-free: Otsu on the pooled top-CAM histogram"
 
 
-class _MaskJob:
+class MaskJob:
     """One image: CAM file + original RGB -> pseudo-mask PNG; returns its foreground fraction."""
 
     def __init__(self, ds, maker, cam_dir, out_dir, binary: bool):
@@ -61,10 +61,10 @@ class _MaskJob:
         return float(((mask > 0) & (mask < 255)).mean())
 
 
-_worker_job: _MaskJob | None = None
+_worker_job: MaskJob | None = None
 
 
-def _init_worker(job: _MaskJob) -> None:
+def _init_worker(job: MaskJob) -> None:
     global _worker_job
     torch.set_num_threads(1)
     _worker_job = job
@@ -79,6 +79,24 @@ def pool_context() -> mp.context.BaseContext:
     """fork where the platform has it (workers inherit the dataset and the maker, nothing to pickle), else spawn
     (macOS / Windows: the job is pickled once per worker)."""
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+def make_masks(job: MaskJob, indices: list[int], workers: int, desc: str = "masks") -> list[float]:
+    """Run `job` on every dataset index (in `workers` processes when > 0); returns each image's foreground
+    fraction, in the order of `indices`."""
+    fractions: list[float] = []
+    # the bar is closed (its line ended) before an error propagates, so the CLI's error line stands alone
+    with tqdm(desc=desc, total=len(indices), disable=not dist.is_main_process(), dynamic_ncols=True) as bar:
+        if workers > 0 and len(indices) > 1:
+            with pool_context().Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+                for fraction in pool.imap(_work, indices, chunksize=4):
+                    fractions.append(fraction)
+                    bar.update()
+        else:
+            for i in indices:
+                fractions.append(job(i))
+                bar.update()
+    return fractions
 
 
 def run(ctx: StageContext) -> dict:
@@ -99,20 +117,9 @@ def run(ctx: StageContext) -> dict:
         maker.bg_threshold = threshold
     todo = pending_shard(out_dir, ds.ids, ".png")
     t0 = time.time()
-    job = _MaskJob(ds, maker, cam_dir, out_dir, cfg.data.binary_masks)
+    job = MaskJob(ds, maker, cam_dir, out_dir, cfg.data.binary_masks)
     workers = cfg.masks.num_workers if maker.parallel_safe else 0
-    fg_fraction: list[float] = []
-    # the bar is closed (its line ended) before an error propagates, so the CLI's error line stands alone
-    with tqdm(desc="masks", total=len(todo), disable=not dist.is_main_process(), dynamic_ncols=True) as bar:
-        if workers > 0 and len(todo) > 1:
-            with pool_context().Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
-                for fraction in pool.imap(_work, todo, chunksize=4):
-                    fg_fraction.append(fraction)
-                    bar.update()
-        else:
-            for i in todo:
-                fg_fraction.append(job(i))
-                bar.update()
+    fg_fraction = make_masks(job, todo, workers)
     seconds = time.time() - t0
     require_all_written(out_dir, ds.ids, ".png", "masks")
     return {

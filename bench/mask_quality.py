@@ -1,0 +1,61 @@
+"""Pseudo-mask quality of a run's CAMs under other mask settings (maker, CRF unary and parameters, ignore band).
+
+Takes the CAMs of `--run` (its cams stage), applies the run's resolved config plus the given overrides
+(masks.*), makes masks for the training images that have pixel GT only, and scores them exactly as the
+evaluate stage does (dataset-pooled, 255 ignored, ignored pseudo-label pixels counted as background). The
+background threshold is chosen as the masks stage chooses it: label-free (Otsu over every training image's
+CAMs) unless masks.bg_threshold is set. Nothing is written into the run directory.
+
+    python -m bench.mask_quality --run runs/voc07-best --label crf-labels masks.crf_unary=labels
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+
+from bench.common import masked_training_images, quality_args, run_context, write_result
+from weakseg.evaluate.stage import evaluate_masks
+from weakseg.masks.makers import build_mask_maker
+from weakseg.masks.stage import MaskJob, choose_threshold, make_masks
+
+
+def main() -> None:
+    args = quality_args(__doc__, "a completed cams stage", "mask_quality")
+    run_dir = Path(args.run)
+    ctx = run_context(run_dir, "cams", "masks", args.overrides)
+    cfg = ctx.cfg
+    ds, scored_ds, masked = masked_training_images(cfg)
+    cam_dir = ctx.upstream("cams") / "cams"
+    maker = build_mask_maker(cfg.masks)
+    maker.prepare(ctx, ds, cam_dir)
+    threshold, rule = None, "n/a"
+    if maker.needs_threshold:
+        threshold, rule = choose_threshold(cfg.masks.bg_threshold, maker.threshold_cam_dir(cam_dir), ds.ids)
+        maker.bg_threshold = threshold
+    with tempfile.TemporaryDirectory() as tmp:
+        job = MaskJob(ds, maker, cam_dir, Path(tmp), cfg.data.binary_masks)
+        t0 = time.perf_counter()
+        workers = cfg.masks.num_workers if maker.parallel_safe else 0
+        make_masks(job, masked, workers, desc=f"masks {args.label}")
+        seconds = time.perf_counter() - t0
+        scored = evaluate_masks(scored_ds, masked, Path(tmp))
+    write_result(f"mask_quality-{args.label}", {
+        "run": str(run_dir),
+        "overrides": args.overrides,
+        "method": cfg.masks.method,
+        "images": len(masked),
+        "threshold_rule": rule,
+        "threshold": None if threshold is None else round(threshold, 4),
+        "mIoU": round(100 * scored["mIoU"], 2),
+        "per_class_IoU": {k: round(100 * v["IoU"], 1) for k, v in scored["per_class"].items()},
+        "binary": scored.get("binary"),
+        "seconds": round(seconds, 1),
+        "workers": workers,
+    })
+
+
+if __name__ == "__main__":
+    main()
