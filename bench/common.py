@@ -31,11 +31,14 @@ def write_result(name: str, result: dict) -> Path:
     return out
 
 
-def quality_args(doc: str, needs: str, prefix: str) -> argparse.Namespace:
-    """--run, --label and config overrides: the command line of the *_quality bench scripts."""
+def quality_args(doc: str, needs: str, prefix: str, **extra: tuple[str, dict]) -> argparse.Namespace:
+    """--run, --label and config overrides: the command line of the *_quality bench scripts (`extra`: more
+    options, name -> (flag, add_argument keywords))."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--run", required=True, help=f"run directory with {needs}")
     ap.add_argument("--label", required=True, help=f"row name; the result goes to bench/out/{prefix}-<label>.json")
+    for flag, kwargs in extra.values():
+        ap.add_argument(flag, **kwargs)
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's resolved config")
     return ap.parse_args()
 

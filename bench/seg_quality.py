@@ -1,0 +1,79 @@
+"""Segmentation quality of a trained run's model under other inference settings, and with class gating.
+
+Loads the segmentation model of `--run` (its train-seg stage) with the run's resolved config plus the given
+overrides (train_seg.infer_size / infer_scales / infer_flip / infer_window), predicts the training images that
+have pixel GT and scores them exactly as the evaluate stage does (dataset-pooled, 255 ignored). With `--gate`,
+it also scores the same predictions with the scores of the classes an image does not contain set to zero
+before the argmax: by the true image labels (a bound) and by the run's classifier's predicted labels at the
+given probability thresholds. Nothing is written into the run directory.
+
+    python -m bench.seg_quality --run runs/voc07-best --label flip-only
+    python -m bench.seg_quality --run runs/voc07-best --label ms "train_seg.infer_scales=[0.75,1.0,1.25]"
+    python -m bench.seg_quality --run runs/voc07-best --label gate --gate 0.05 0.1 0.2 0.3 0.5
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bench.common import masked_training_images, quality_args, run_context, write_result
+from weakseg.cams.generate import CamInputs, build_generator, cam_input_size
+from weakseg.evaluate.metrics import ConfusionMatrix
+from weakseg.train.classifier import load_classifier
+from weakseg.train.segmentation import load_seg_model, predictor_for
+
+
+def gated_labels(probs: torch.Tensor, keep: np.ndarray) -> np.ndarray:
+    """probs (C, H, W) with background at 0; keep (C - 1,) bool over foreground classes -> (H, W) uint8."""
+    gate = torch.ones(probs.shape[0])
+    gate[1:] = torch.as_tensor(keep, dtype=torch.float32)
+    return (probs * gate[:, None, None]).argmax(0).to(torch.uint8).numpy()
+
+
+def main() -> None:
+    args = quality_args(__doc__, "completed train-cls and train-seg stages", "seg_quality",
+                        gate=("--gate", dict(type=float, nargs="*", default=None, metavar="P",
+                                             help="also score class gating at these classifier probabilities")))
+    run_dir = Path(args.run)
+    ctx = run_context(run_dir, "train-seg", "evaluate", args.overrides)
+    cls_ds, ds, masked = masked_training_images(ctx.cfg)
+    predictor = predictor_for(ctx, load_seg_model(ctx, ds.num_classes))
+    rows = ["segmentation model"]
+    if args.gate is not None:
+        generator = build_generator(ctx, load_classifier(ctx))
+        inputs = CamInputs(cls_ds, masked, cam_input_size(ctx))
+        rows += ["gated by the true image labels (bound)"] + [f"gated by predicted labels, p > {t}" for t in args.gate]
+    cms = {r: ConfusionMatrix(ds.num_classes, ds.class_names) for r in rows}
+    model_seconds = 0.0
+    for k, i in enumerate(tqdm(masked, desc=f"seg {args.label}", dynamic_ncols=True)):
+        gt, image = ds.mask(i), ds.image(i)
+        t0 = time.perf_counter()
+        probs = predictor.probabilities(image).cpu()
+        model_seconds += time.perf_counter() - t0
+        cms[rows[0]].update(gt, probs.argmax(0).to(torch.uint8).numpy())
+        if args.gate is not None:
+            x, labels = inputs[k][0][None].to(ctx.device), inputs[k][1].numpy()
+            with torch.inference_mode():
+                predicted = torch.sigmoid(generator(x)[0][0]).cpu().numpy()
+            cms[rows[1]].update(gt, gated_labels(probs, labels > 0.5))
+            for t, row in zip(args.gate, rows[2:]):
+                cms[row].update(gt, gated_labels(probs, predicted > t))
+    sc = ctx.cfg.train_seg
+    write_result(f"seg_quality-{args.label}", {
+        "run": str(run_dir), "overrides": args.overrides, "images": len(masked),
+        "infer_size": sc.infer_size, "infer_scales": sc.infer_scales, "infer_flip": sc.infer_flip,
+        "infer_window": sc.infer_window,
+        "mIoU": {r: round(100 * cm.compute()["mIoU"], 2) for r, cm in cms.items()},
+        "per_class_IoU": {k: round(100 * v["IoU"], 1) for k, v in cms[rows[0]].compute()["per_class"].items()},
+        "model_seconds": round(model_seconds, 2),
+        "images_per_second": round(len(masked) / model_seconds, 2),
+    })
+
+
+if __name__ == "__main__":
+    main()
