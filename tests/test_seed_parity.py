@@ -298,9 +298,14 @@ def test_late_keys_leave_existing_fingerprints_alone_until_set():
     full = dataclasses.asdict(cfg)
     for section, key in (("train_cls", "ccam_backbone"), ("train_cls", "init_from"),
                          ("train_cls", "weaktr_token_init"), ("train_seg", "infer_window"),
-                         ("train_seg", "infer_window_overlap"), ("masks", "num_workers")):
+                         ("train_seg", "infer_window_overlap"), ("masks", "num_workers"),
+                         ("train_cls", "num_workers"), ("train_seg", "num_workers")):
         full[section].pop(key)
     assert tree == full
+    # the hash of runs recorded before the worker counts became speed-only kept the two training stages' ones
+    legacy = to_dict(cfg, legacy=True)
+    assert legacy["train_cls"]["num_workers"] == legacy["train_seg"]["num_workers"] == 0
+    assert "num_workers" not in legacy["masks"]
     changed = load_config(None, ["train_cls.init_from=other-run"])
     assert stage_fingerprint(changed, "train-cls") != stage_fingerprint(cfg, "train-cls")
     assert stage_fingerprint(changed, "cams") == stage_fingerprint(cfg, "cams")
