@@ -4,7 +4,8 @@ Takes the CAMs of `--run` (its cams stage), applies the run's resolved config pl
 (masks.*), makes masks for the training images that have pixel GT only, and scores them exactly as the
 evaluate stage does (dataset-pooled, 255 ignored, ignored pseudo-label pixels counted as background). The
 background threshold is chosen as the masks stage chooses it: label-free (Otsu over every training image's
-CAMs) unless masks.bg_threshold is set. Nothing is written into the run directory.
+CAMs) unless masks.bg_threshold is set. Nothing is written into the run directory: a maker's own files (the
+refiner's model and log) go to a temporary folder with the masks.
 
     python -m bench.mask_quality --run runs/voc07-best --label crf-labels masks.crf_unary=labels
 """
@@ -29,19 +30,21 @@ def main() -> None:
     cfg = ctx.cfg
     ds, scored_ds, masked = masked_training_images(cfg)
     cam_dir = ctx.upstream("cams") / "cams"
-    maker = build_mask_maker(cfg.masks)
-    maker.prepare(ctx, ds, cam_dir)
-    threshold, rule = None, "n/a"
-    if maker.needs_threshold:
-        threshold, rule = choose_threshold(cfg.masks.bg_threshold, maker.threshold_cam_dir(cam_dir), ds.ids)
-        maker.bg_threshold = threshold
     with tempfile.TemporaryDirectory() as tmp:
-        job = MaskJob(ds, maker, cam_dir, Path(tmp), cfg.data.binary_masks)
+        ctx.out = Path(tmp) / "masks"  # what a maker's prepare writes (the refiner's model, its log) stays out of the run
+        (ctx.out / "masks").mkdir(parents=True)
+        maker = build_mask_maker(cfg.masks)
+        prepare_metrics = maker.prepare(ctx, ds, cam_dir)
+        threshold, rule = None, "n/a"
+        if maker.needs_threshold:
+            threshold, rule = choose_threshold(cfg.masks.bg_threshold, maker.threshold_cam_dir(cam_dir), ds.ids)
+            maker.bg_threshold = threshold
+        job = MaskJob(ds, maker, cam_dir, ctx.out / "masks", cfg.data.binary_masks)
         t0 = time.perf_counter()
         workers = cfg.masks.num_workers if maker.parallel_safe else 0
         make_masks(job, masked, workers, desc=f"masks {args.label}")
         seconds = time.perf_counter() - t0
-        scored = evaluate_masks(scored_ds, masked, Path(tmp))
+        scored = evaluate_masks(scored_ds, masked, ctx.out / "masks")
     write_result(f"mask_quality-{args.label}", {
         "run": str(run_dir),
         "overrides": args.overrides,
@@ -54,6 +57,7 @@ def main() -> None:
         "binary": scored.get("binary"),
         "seconds": round(seconds, 1),
         "workers": workers,
+        "prepare": {k: v for k, v in prepare_metrics.items() if not isinstance(v, (list, dict))},
     })
 
 
