@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from bench.common import masked_training_images, quality_args, run_context, write_result
 from weakseg.evaluate.stage import evaluate_masks
 from weakseg.masks.makers import build_mask_maker
@@ -31,7 +30,7 @@ def main() -> None:
     ds, scored_ds, masked = masked_training_images(cfg)
     cam_dir = ctx.upstream("cams") / "cams"
     with tempfile.TemporaryDirectory() as tmp:
-        ctx.out = Path(tmp) / "masks"  # what a maker's prepare writes (the refiner's model, its log) stays out of the run
+        ctx.out = Path(tmp) / "masks"  # a maker's own files (the refiner's model, its log) stay out of the run
         (ctx.out / "masks").mkdir(parents=True)
         maker = build_mask_maker(cfg.masks)
         prepare_metrics = maker.prepare(ctx, ds, cam_dir)

@@ -278,13 +278,13 @@ def begin_stage(cfg: PipelineCfg, stage: str) -> None:
     sdir = cfg.run_dir / stage
     fp = stage_fingerprint(cfg, stage)
     attempt = sdir / "attempt.json"
-    accepted = accepted_fingerprints(cfg, stage)
     if dist.is_main_process():
         if sdir.exists():
             # Keep partial work only from an interrupted attempt with the same fingerprint. A stage that had
             # completed (marker present) but failed verification, or ran with other inputs, starts afresh.
             interrupted = attempt.exists() and not (sdir / "done.json").exists()
-            same = interrupted and (read_marker(attempt) or {}).get("fingerprint") in accepted
+            recorded = (read_marker(attempt) or {}).get("fingerprint")
+            same = interrupted and recorded in accepted_fingerprints(cfg, stage)
             if not same:
                 shutil.rmtree(sdir)
             else:  # a killed writer (SIGKILL, a terminated worker process) leaves its atomic_path temporary
