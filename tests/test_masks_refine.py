@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from weakseg.config import MaskCfg, load_config
 from weakseg.io import IGNORE_INDEX, load_label_png, save_cam, write_json
 from weakseg.masks.crf import CrfUnavailable
-from weakseg.masks.fusion import fuse_agnostic_specific, resolve_cams_dir
+from weakseg.masks.fusion import fuse_agnostic_specific, fused_scores, resolve_cams_dir
 from weakseg.masks.makers import MAKERS, build_mask_maker
 from weakseg.masks.refiner import (DECODER_WIDTHS, RefinerDecoder, RefinerPairs, loss_threshold_labels,
                                    normalised_loss_maps, refiner_forward, train_refiner)
@@ -85,9 +85,9 @@ def test_missing_pydensecrf_names_the_extra(monkeypatch):
 
 
 def test_unknown_maker_lists_the_valid_names():
-    with pytest.raises(ValueError, match="crf, fusion, refiner, threshold"):
+    with pytest.raises(ValueError, match="crf, fusion, fusion_crf, refiner, threshold"):
         build_mask_maker(MaskCfg(method="nope"))
-    assert {"threshold", "crf", "refiner", "fusion"} <= set(MAKERS)
+    assert {"threshold", "crf", "refiner", "fusion", "fusion_crf"} <= set(MAKERS)
 
 
 # ---------------------------------------------------------------- fusion
@@ -102,6 +102,37 @@ def test_fusion_takes_where_from_the_agnostic_map_and_which_from_the_class_cams(
     banded = fuse_agnostic_specific(foreground, cams, np.array([4, 9]), 0.5, ignore_low=0.4, ignore_high=0.6)
     assert banded.tolist() == [[4, 9, 0, IGNORE_INDEX]]
     assert fuse_agnostic_specific(foreground, cams[:0], np.array([], dtype=np.int64), 0.5).tolist() == [[0, 0, 0, 0]]
+
+
+def test_fused_scores_threshold_to_the_fusion_labels():
+    rng = np.random.default_rng(0)
+    foreground = rng.random((9, 11)).astype(np.float32)
+    cams = rng.random((3, 9, 11)).astype(np.float32)
+    cams[:, 0, 0] = 0.0  # no CAM evidence at all: the first class, as argmax gives
+    classes = np.array([2, 5, 7])
+    scores = fused_scores(foreground, cams)
+    np.testing.assert_allclose(scores.max(axis=0), foreground, rtol=1e-5)
+    for t in (0.2, 0.5, 0.8):
+        top = scores.max(axis=0)
+        via_scores = np.where(top > t, classes[scores.argmax(axis=0)], 0)
+        assert (via_scores == fuse_agnostic_specific(foreground, cams, classes, t)).all()
+
+
+def test_fusion_crf_snaps_the_fused_mask_to_the_colour_edge():
+    pytest.importorskip("pydensecrf.densecrf")
+    image = two_colour_image(edge=24)
+    foreground = np.zeros((40, 40), np.float32)
+    foreground[:, :30] = 0.9  # the agnostic map spills 6 columns past the red object's edge
+    cams = np.stack([np.full((40, 40), 0.6, np.float32), np.full((40, 40), 0.3, np.float32)])
+    maker = build_mask_maker(MaskCfg(method="fusion_crf", crf_softmax_temperature=0.1))
+    maker.bg_threshold = 0.5
+    fused = fuse_agnostic_specific(foreground, cams, np.array([3, 8]), 0.5)
+    out = maker.make(cams, np.array([3, 8]), image, foreground=foreground)
+    assert (fused[:, 24:30] == 3).all()  # the fusion alone keeps the spill
+    assert (out[:, :20] == 3).all() and (out[:, 28:] == 0).all() and set(np.unique(out)) <= {0, 3}
+    assert (out[:, 24:30] == 0).mean() > 0.8
+    with pytest.raises(ValueError, match="softmax"):
+        build_mask_maker(MaskCfg(method="fusion_crf", crf_unary="labels"))
 
 
 def test_fusion_maker_needs_the_agnostic_map():

@@ -127,7 +127,7 @@ class CamCfg:
 class MaskCfg:
     """Stage 3: CAMs -> pseudo-masks."""
 
-    method: str = "threshold"  # threshold | crf | refiner | fusion (see weakseg.masks.MAKERS)
+    method: str = "threshold"  # threshold | crf | refiner | fusion | fusion_crf (weakseg.masks.MAKERS)
     bg_threshold: float = -1.0  # < 0: chosen label-free (Otsu on the pooled CAM histogram)
     ignore_low: float = -1.0  # ignore band [low, high) around the threshold written as 255; < 0 = off
     ignore_high: float = -1.0
@@ -152,7 +152,8 @@ class MaskCfg:
     refiner_window: int = 120  # clipped-loss windows (every window of the map, padded)
     refiner_tau: float = 1.2  # keep pixels whose gradient <= tau * max(window mean, global mean)
     loss_threshold: float = 0.35  # foreground where the normalised decoder-vs-CAM loss exceeds this
-    # fusion: class-agnostic foreground map (e.g. CCAM) x class-specific CAMs.
+    # fusion / fusion_crf: class-agnostic foreground map (e.g. CCAM) x class-specific CAMs (fusion_crf: then the
+    # dense CRF above on the fused scores).
     agnostic_cams_run: str = ""  # run name (under runs_dir) or path whose `cams` stage holds the foreground maps
 
 

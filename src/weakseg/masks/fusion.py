@@ -13,6 +13,20 @@ import numpy as np
 from weakseg.io import IGNORE_INDEX
 
 
+def fused_scores(foreground: np.ndarray, cams: np.ndarray) -> np.ndarray:
+    """foreground (H, W) in [0, 1], cams (K, H, W) -> (K, H, W) scores F * cams_k / max_j cams_j.
+
+    Their max over k is F (where the object is) and their argmax is the CAMs' argmax (which class), so
+    thresholding them at t is the fusion rule, and they can feed any maker that reads class scores (the CRF's
+    softmax unary over [t, scores]). Where every CAM is 0 all K scores equal F.
+    """
+    if foreground.shape != cams.shape[1:]:
+        raise ValueError(f"foreground map {foreground.shape} does not match the CAMs {cams.shape[1:]}")
+    eps = np.float32(1e-6)
+    share = (cams + eps) / (cams.max(axis=0, keepdims=True) + eps)
+    return (foreground[None] * share).astype(np.float32)
+
+
 def fuse_agnostic_specific(foreground: np.ndarray, cams: np.ndarray, classes: np.ndarray, fg_threshold: float,
                            ignore_low: float = -1.0, ignore_high: float = -1.0) -> np.ndarray:
     """foreground (H, W) in [0, 1], cams (K, H, W), classes (K,) 1-based ids -> (H, W) uint8 labels.

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from weakseg.config import MaskCfg
 from weakseg.io import IGNORE_INDEX, load_cam
 from weakseg.masks.crf import CrfParams, _densecrf, background_softmax, crf_from_labels, crf_from_probabilities
-from weakseg.masks.fusion import foreground_map, fuse_agnostic_specific, resolve_cams_dir
+from weakseg.masks.fusion import foreground_map, fuse_agnostic_specific, fused_scores, resolve_cams_dir
 
 
 def threshold_labels(cams: np.ndarray, classes: np.ndarray, bg_threshold: float, ignore_low: float = -1.0,
@@ -180,11 +180,33 @@ class FusionMaker(MaskMaker):
                                       self.cfg.ignore_high)
 
 
+class FusionCrfMaker(FusionMaker):
+    """The fusion, then the dense CRF: unary softmax([t, F * cams_k / max_j cams_j] / T) on the original image.
+
+    Before the CRF its argmax is exactly the fusion maker's labels; the CRF then moves the unsure pixels to
+    colour edges, with the `crf` maker's unary temperature and kernels (masks.crf_*).
+    """
+
+    def __init__(self, cfg: MaskCfg):
+        super().__init__(cfg)
+        if cfg.crf_unary != "softmax":
+            raise ValueError(f"masks.method=fusion_crf uses the softmax unary; got masks.crf_unary={cfg.crf_unary!r}")
+        self.crf = CrfMaker(cfg)
+
+    def make(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray,
+             foreground: Optional[np.ndarray] = None) -> np.ndarray:
+        if foreground is None:
+            raise ValueError("the fusion maker needs the class-agnostic foreground map (foreground=...)")
+        self.crf.bg_threshold = self.bg_threshold
+        return self.crf.make(fused_scores(foreground, cams), classes, image)
+
+
 MAKERS: dict[str, Callable[[MaskCfg], MaskMaker]] = {
     "threshold": ThresholdMaker,
     "crf": CrfMaker,
     "refiner": RefinerMaker,
     "fusion": FusionMaker,
+    "fusion_crf": FusionCrfMaker,
 }
 
 
