@@ -184,7 +184,8 @@ class FusionCrfMaker(FusionMaker):
     """The fusion, then the dense CRF: unary softmax([t, F * cams_k / max_j cams_j] / T) on the original image.
 
     Before the CRF its argmax is exactly the fusion maker's labels; the CRF then moves the unsure pixels to
-    colour edges, with the `crf` maker's unary temperature and kernels (masks.crf_*).
+    colour edges, with the `crf` maker's unary temperature and kernels (masks.crf_*). As with the `crf` maker, no
+    ignore band is written.
     """
 
     def __init__(self, cfg: MaskCfg):
