@@ -135,6 +135,16 @@ def test_fusion_crf_snaps_the_fused_mask_to_the_colour_edge():
         build_mask_maker(MaskCfg(method="fusion_crf", crf_unary="labels"))
 
 
+@pytest.mark.parametrize("method", ["crf", "refiner", "fusion_crf"])
+def test_makers_without_an_ignore_band_refuse_one_instead_of_dropping_it(method):
+    pytest.importorskip("pydensecrf.densecrf")
+    with pytest.raises(ValueError, match=f"masks.method={method} writes no ignore band"):
+        build_mask_maker(MaskCfg(method=method, ignore_low=0.2, ignore_high=0.4))
+    build_mask_maker(MaskCfg(method=method))  # unset band: fine
+    for banded in ("threshold", "fusion"):
+        assert build_mask_maker(MaskCfg(method=banded, ignore_low=0.2, ignore_high=0.4)).writes_ignore_band
+
+
 def test_fusion_maker_needs_the_agnostic_map():
     maker = build_mask_maker(MaskCfg(method="fusion"))
     maker.bg_threshold = 0.5

@@ -44,8 +44,13 @@ class MaskMaker:
 
     needs_threshold = True
     parallel_safe = True  # may run in forked worker processes (masks.num_workers)
+    writes_ignore_band = False  # honours masks.ignore_low / ignore_high
 
     def __init__(self, cfg: MaskCfg):
+        if 0 <= cfg.ignore_low < cfg.ignore_high and not self.writes_ignore_band:
+            raise ValueError(f"masks.method={cfg.method} writes no ignore band, but masks.ignore_low / ignore_high = "
+                             f"{cfg.ignore_low} / {cfg.ignore_high} ask for one; unset them (-1) or use "
+                             f"masks.method=threshold or fusion")
         self.cfg = cfg
         self.bg_threshold = cfg.bg_threshold
 
@@ -67,6 +72,8 @@ class MaskMaker:
 
 class ThresholdMaker(MaskMaker):
     """Background threshold + argmax, with an optional ignore band."""
+
+    writes_ignore_band = True
 
     def make(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray) -> np.ndarray:
         return threshold_labels(cams, classes, self.bg_threshold, self.cfg.ignore_low, self.cfg.ignore_high)
@@ -150,6 +157,8 @@ class FusionMaker(MaskMaker):
     The threshold t is `bg_threshold` (label-free: Otsu on the pooled foreground maps when < 0).
     """
 
+    writes_ignore_band = True
+
     def __init__(self, cfg: MaskCfg):
         super().__init__(cfg)
         self.agnostic_dir: Optional[Path] = None
@@ -184,9 +193,11 @@ class FusionCrfMaker(FusionMaker):
     """The fusion, then the dense CRF: unary softmax([t, F * cams_k / max_j cams_j] / T) on the original image.
 
     Before the CRF its argmax is exactly the fusion maker's labels; the CRF then moves the unsure pixels to
-    colour edges, with the `crf` maker's unary temperature and kernels (masks.crf_*). As with the `crf` maker, no
-    ignore band is written.
+    colour edges, with the `crf` maker's unary temperature and kernels (masks.crf_*). Like `crf`, it writes no
+    ignore band (asking for one is an error).
     """
+
+    writes_ignore_band = False
 
     def __init__(self, cfg: MaskCfg):
         super().__init__(cfg)
