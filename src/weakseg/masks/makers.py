@@ -183,10 +183,14 @@ class FusionMaker(MaskMaker):
 
     def make(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray,
              foreground: Optional[np.ndarray] = None) -> np.ndarray:
+        return fuse_agnostic_specific(self.require_foreground(foreground), cams, classes, self.bg_threshold,
+                                      self.cfg.ignore_low, self.cfg.ignore_high)
+
+    @staticmethod
+    def require_foreground(foreground: Optional[np.ndarray]) -> np.ndarray:
         if foreground is None:
             raise ValueError("the fusion maker needs the class-agnostic foreground map (foreground=...)")
-        return fuse_agnostic_specific(foreground, cams, classes, self.bg_threshold, self.cfg.ignore_low,
-                                      self.cfg.ignore_high)
+        return foreground
 
 
 class FusionCrfMaker(FusionMaker):
@@ -207,10 +211,8 @@ class FusionCrfMaker(FusionMaker):
 
     def make(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray,
              foreground: Optional[np.ndarray] = None) -> np.ndarray:
-        if foreground is None:
-            raise ValueError("the fusion maker needs the class-agnostic foreground map (foreground=...)")
         self.crf.bg_threshold = self.bg_threshold
-        return self.crf.make(fused_scores(foreground, cams), classes, image)
+        return self.crf.make(fused_scores(self.require_foreground(foreground), cams), classes, image)
 
 
 MAKERS: dict[str, Callable[[MaskCfg], MaskMaker]] = {
