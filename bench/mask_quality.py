@@ -54,6 +54,9 @@ def main() -> None:
         "mIoU": round(100 * scored["mIoU"], 2),
         "per_class_IoU": {k: round(100 * v["IoU"], 1) for k, v in scored["per_class"].items()},
         "binary": scored.get("binary"),
+        "ignored_fraction": round(scored.get("ignored_fraction", 0.0), 4),
+        "mIoU_on_labelled_pixels": (round(100 * scored["on_labelled_pixels"]["mIoU"], 2)
+                                    if "on_labelled_pixels" in scored else None),
         "seconds": round(seconds, 1),
         "workers": workers,
         "prepare": {k: v for k, v in prepare_metrics.items() if not isinstance(v, (list, dict))},

@@ -10,6 +10,7 @@ given probability thresholds. Nothing is written into the run directory.
     python -m bench.seg_quality --run runs/voc07-best --label flip-only
     python -m bench.seg_quality --run runs/voc07-best --label ms "train_seg.infer_scales=[0.75,1.0,1.25]"
     python -m bench.seg_quality --run runs/voc07-best --label gate --gate 0.05 0.1 0.2 0.3 0.5
+    python -m bench.seg_quality --run runs/voc07-best-v2 --label prior --calibrate
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from tqdm import tqdm
 
 from bench.common import masked_training_images, quality_args, run_context, write_result
 from weakseg.cams.generate import CamInputs, build_generator, cam_input_size
+from weakseg.data import train_val_indices
 from weakseg.evaluate.metrics import ConfusionMatrix
+from weakseg.io import load_label_png
+from weakseg.train.calibration import prior_match
 from weakseg.train.classifier import load_classifier
 from weakseg.train.segmentation import load_seg_model, predictor_for
 
@@ -38,13 +42,26 @@ def gated_labels(probs: torch.Tensor, keep: np.ndarray) -> np.ndarray:
 def main() -> None:
     args = quality_args(__doc__, "completed train-cls and train-seg stages", "seg_quality",
                         gate=("--gate", dict(type=float, nargs="*", default=None, metavar="P",
-                                             help="also score class gating at these classifier probabilities")))
+                                             help="also score class gating at these classifier probabilities")),
+                        calibrate=("--calibrate", dict(action="store_true",
+                                                       help="also score the prior-match calibration, fitted on the "
+                                                            "run's held-out images' pseudo-masks")))
     run_dir = Path(args.run)
     ctx = run_context(run_dir, "train-seg", "evaluate", args.overrides)
     cls_ds, ds, masked = masked_training_images(ctx.cfg)
     predictor = predictor_for(ctx, load_seg_model(ctx, ds.num_classes))
     rows = ["segmentation model"]
-    if args.gate is not None:
+    calibration = None
+    if args.calibrate:
+        _, val_idx = train_val_indices(len(ds), ctx.cfg.data.val_fraction, ctx.cfg.seed)
+        mask_dir = ctx.upstream("masks") / "masks"
+        t0 = time.perf_counter()
+        calibration = prior_match(lambda i: predictor.probabilities(ds.image(i)),
+                                  lambda i: load_label_png(mask_dir / f"{ds.ids[i]}.png"), val_idx, ds.num_classes)
+        calibration["seconds"] = round(time.perf_counter() - t0, 1)
+        weights = torch.tensor(calibration["class_weights"])
+        rows.append("calibrated (prior match on the held-out images' pseudo-masks)")
+    if args.gate is not None:  # after the calibrated row
         generator = build_generator(ctx, load_classifier(ctx))
         inputs = CamInputs(cls_ds, masked, cam_input_size(ctx))
         rows += ["gated by the true image labels (bound)"] + [f"gated by predicted labels, p > {t}" for t in args.gate]
@@ -56,12 +73,15 @@ def main() -> None:
         probs = predictor.probabilities(image).cpu()
         model_seconds += time.perf_counter() - t0
         cms[rows[0]].update(gt, probs.argmax(0).to(torch.uint8).numpy())
+        if calibration is not None:
+            cms[rows[1]].update(gt, (probs * weights[:, None, None]).argmax(0).to(torch.uint8).numpy())
         if args.gate is not None:
             x, labels = inputs[k][0][None].to(ctx.device), inputs[k][1].numpy()
             with torch.inference_mode():
                 predicted = torch.sigmoid(generator(x)[0][0]).cpu().numpy()
-            cms[rows[1]].update(gt, gated_labels(probs, labels > 0.5))
-            for t, row in zip(args.gate, rows[2:]):
+            gate_rows = rows[2:] if calibration is not None else rows[1:]
+            cms[gate_rows[0]].update(gt, gated_labels(probs, labels > 0.5))
+            for t, row in zip(args.gate, gate_rows[1:]):
                 cms[row].update(gt, gated_labels(probs, predicted > t))
     sc = ctx.cfg.train_seg
     write_result(f"seg_quality-{args.label}", {
@@ -70,6 +90,9 @@ def main() -> None:
         "infer_window": sc.infer_window,
         "mIoU": {r: round(100 * cm.compute()["mIoU"], 2) for r, cm in cms.items()},
         "per_class_IoU": {k: round(100 * v["IoU"], 1) for k, v in cms[rows[0]].compute()["per_class"].items()},
+        **({"per_class_IoU_calibrated": {k: round(100 * v["IoU"], 1)
+                                         for k, v in cms[rows[1]].compute()["per_class"].items()},
+            "calibration": calibration} if calibration is not None else {}),
         "model_seconds": round(model_seconds, 2),
         "images_per_second": round(len(masked) / model_seconds, 2),
     })

@@ -135,14 +135,48 @@ def test_fusion_crf_snaps_the_fused_mask_to_the_colour_edge():
         build_mask_maker(MaskCfg(method="fusion_crf", crf_unary="labels"))
 
 
-@pytest.mark.parametrize("method", ["crf", "refiner", "fusion_crf"])
-def test_makers_without_an_ignore_band_refuse_one_instead_of_dropping_it(method):
-    pytest.importorskip("pydensecrf.densecrf")
-    with pytest.raises(ValueError, match=f"masks.method={method} writes no ignore band"):
-        build_mask_maker(MaskCfg(method=method, ignore_low=0.2, ignore_high=0.4))
-    build_mask_maker(MaskCfg(method=method))  # unset band: fine
+def test_the_refiner_refuses_an_ignore_band_instead_of_dropping_it():
+    with pytest.raises(ValueError, match="masks.method=refiner writes no ignore band"):
+        build_mask_maker(MaskCfg(method="refiner", ignore_low=0.2, ignore_high=0.4))
+    build_mask_maker(MaskCfg(method="refiner"))  # unset band: fine
     for banded in ("threshold", "fusion"):
         assert build_mask_maker(MaskCfg(method=banded, ignore_low=0.2, ignore_high=0.4)).writes_ignore_band
+
+
+def three_stripe_scene() -> tuple[np.ndarray, np.ndarray]:
+    """Red | grey | green stripes (columns 0-15, 16-27, 28-39) and a CAM that is sure on red (0.9), unsure on
+    grey (0.3) and off on green (0.02), with noise: image (40, 40, 3) uint8, cams (1, 40, 40) float32."""
+    image = two_colour_image(edge=28)
+    image[:, 16:28] = (120, 120, 120)
+    cam = np.zeros((40, 40), np.float32)
+    cam[:, :16], cam[:, 16:28], cam[:, 28:] = 0.9, 0.3, 0.02
+    cam += np.random.default_rng(1).uniform(-0.05, 0.05, cam.shape).astype(np.float32)
+    return image, np.clip(cam, 0, 1)[None]
+
+
+@pytest.mark.crf
+@pytest.mark.parametrize("unary", ["softmax", "labels"])
+def test_crf_ignore_band_keeps_the_confident_regions_and_ignores_the_unsure_one(unary):
+    pytest.importorskip("pydensecrf.densecrf")
+    image, cams = three_stripe_scene()
+    banded = build_mask_maker(MaskCfg(method="crf", crf_unary=unary, crf_softmax_temperature=0.1,
+                                      ignore_low=0.1, ignore_high=0.6))
+    out = banded.make(cams, np.array([5]), image)
+    assert (out[:, :16] == 5).all() and (out[:, 16:28] == IGNORE_INDEX).all() and (out[:, 28:] == 0).all()
+    single = build_mask_maker(MaskCfg(method="crf", crf_unary=unary, crf_softmax_temperature=0.1))
+    single.bg_threshold = 0.37  # one pass at a threshold inside the band decides the grey stripe: background
+    assert (single.make(cams, np.array([5]), image)[:, 16:28] == 0).all()
+
+
+@pytest.mark.crf
+def test_fusion_crf_ignore_band_acts_on_the_foreground_map():
+    pytest.importorskip("pydensecrf.densecrf")
+    image, foreground = three_stripe_scene()
+    cams = np.stack([np.full((40, 40), 0.2, np.float32), np.full((40, 40), 0.7, np.float32)])  # class 8 wins
+    maker = build_mask_maker(MaskCfg(method="fusion_crf", crf_softmax_temperature=0.1, ignore_low=0.1,
+                                     ignore_high=0.6))
+    out = maker.make(cams, np.array([3, 8]), image, foreground=foreground[0])
+    assert (out[:, :16] == 8).all() and (out[:, 16:28] == IGNORE_INDEX).all() and (out[:, 28:] == 0).all()
 
 
 def test_fusion_maker_needs_the_agnostic_map():

@@ -240,3 +240,24 @@ def test_reduce_across_two_gloo_ranks_equals_single_process_result(tmp_path):
     assert result["mat"].tolist() == [[3, 0], [1, 4]]
     assert result["per_image_mIoU"] == pytest.approx(0.625)
     assert result["images"] == 2
+
+
+def test_pseudo_mask_scores_report_the_ignored_pixels_apart(tmp_path):
+    from types import SimpleNamespace
+
+    from weakseg.evaluate.stage import evaluate_masks
+    from weakseg.io import IGNORE_INDEX, save_label_png
+
+    gt = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [255, 0, 1, 1]], dtype=np.uint8)
+    mask = np.array([[0, 255, 1, 1], [0, 255, 255, 1], [1, 0, 0, 1]], dtype=np.uint8)
+    save_label_png(tmp_path / "a.png", mask)
+    ds = SimpleNamespace(num_classes=2, class_names=["background", "cat"], ids=["a"], mask=lambda i: gt)
+    out = evaluate_masks(ds, [0], tmp_path)
+    # all 11 non-void pixels, the 3 ignored ones as background: bg 5 TP + 2 FP, cat 4 TP + 2 FN
+    assert out["mIoU"] == pytest.approx((5 / 7 + 4 / 6) / 2)
+    assert out["ignored_fraction"] == pytest.approx(3 / 11)
+    # the 8 labelled non-void pixels: bg 3 TP + 1 FP, cat 4 TP + 1 FN
+    labelled = out["on_labelled_pixels"]
+    assert labelled["mIoU"] == pytest.approx((3 / 4 + 4 / 5) / 2)
+    save_label_png(tmp_path / "a.png", np.where(mask == IGNORE_INDEX, 0, mask))
+    assert "on_labelled_pixels" not in evaluate_masks(ds, [0], tmp_path)

@@ -65,6 +65,34 @@ def test_config_change_reruns_downstream_only(tiny_cfg, tiny_overrides):
     assert json.loads((changed.run_dir / "masks" / "metrics.json").read_text())["bg_threshold"] == 0.9
 
 
+def test_segmentation_encoder_can_start_from_the_runs_classifier(tiny_cfg, tiny_overrides):
+    run_pipeline(tiny_cfg)
+    changed = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + ["train_seg.encoder_from_classifier=true"])
+    st = _statuses(run_pipeline(changed))
+    assert st == {"train-cls": "skipped", "cams": "skipped", "masks": "skipped", "train-seg": "ran", "evaluate": "ran"}
+    metrics = json.loads((changed.run_dir / "train-seg" / "metrics.json").read_text())
+    assert metrics["encoder_init"].endswith("train-cls/model.pt")
+    assert metrics["encoder_init_tensors"] == metrics["encoder_tensors"] > 0
+
+
+def test_prior_match_calibration_is_fitted_by_train_seg_and_used_by_evaluate_and_predict(tiny_cfg, tiny_overrides):
+    from weakseg.predict import load_predictor
+
+    run_pipeline(tiny_cfg)
+    changed = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + ["train_seg.calibration=prior_match"])
+    st = _statuses(run_pipeline(changed))
+    assert st == {"train-cls": "skipped", "cams": "skipped", "masks": "skipped", "train-seg": "ran", "evaluate": "ran"}
+    seg_dir = changed.run_dir / "train-seg"
+    record = json.loads((seg_dir / "calibration.json").read_text())
+    assert len(record["class_weights"]) == len(record["target_shares"]) == 6 and record["class_weights"][0] == 1.0
+    assert record["images"] == 6 and "held-out" in record["fitted_on"]  # 25 % of the 24 demo images
+    assert json.loads((seg_dir / "metrics.json").read_text())["calibration"] == "prior_match"
+    predictor, _ = load_predictor(changed.run_dir, "cpu")
+    assert predictor.class_weights.tolist() == pytest.approx(record["class_weights"])
+    (seg_dir / "calibration.json").unlink()  # a product of the stage: its loss is noticed and the stage redone
+    assert _statuses(run_pipeline(changed))["train-seg"] == "ran"
+
+
 def test_mask_eval_split_restricts_cam_and_mask_scoring_to_its_images(tiny_cfg, tiny_overrides):
     import torch
 

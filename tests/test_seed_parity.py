@@ -298,7 +298,9 @@ def test_late_keys_leave_existing_fingerprints_alone_until_set():
     full = dataclasses.asdict(cfg)
     for section, key in (("train_cls", "ccam_backbone"), ("train_cls", "init_from"),
                          ("train_cls", "weaktr_token_init"), ("train_seg", "infer_window"),
-                         ("train_seg", "infer_window_overlap"), ("masks", "num_workers"),
+                         ("train_seg", "infer_window_overlap"), ("train_seg", "encoder_from_classifier"),
+                         ("train_seg", "calibration"),
+                         ("masks", "num_workers"),
                          ("train_cls", "num_workers"), ("train_seg", "num_workers")):
         full[section].pop(key)
     assert tree == full
@@ -326,6 +328,22 @@ def test_train_cls_is_redone_when_the_init_from_model_changes(tmp_path):
     marked = stage_fingerprint(cfg, "train-cls")
     assert len({missing, v1, v2, marked}) == 4
     assert stage_fingerprint(cfg, "train-cls") == marked  # stable while nothing changes
+
+
+def test_train_seg_follows_the_classifier_only_when_its_encoder_starts_from_it(tmp_path):
+    from weakseg.runs import stage_fingerprint
+
+    plain = load_config(None, [f"runs_dir={tmp_path}", "name=r"])
+    from_cls = load_config(None, [f"runs_dir={tmp_path}", "name=r", "train_seg.encoder_from_classifier=true"])
+    marker = tmp_path / "r" / "train-cls" / "done.json"
+    marker.parent.mkdir(parents=True)
+    prints = []
+    for checksum in ("aaa", "bbb"):
+        marker.write_text(f'{{"checksum": "{checksum}"}}')
+        prints.append((stage_fingerprint(plain, "train-seg"), stage_fingerprint(from_cls, "train-seg")))
+    assert prints[0][0] == prints[1][0]  # a retrained classifier reaches the default model through the masks only
+    assert prints[0][1] != prints[1][1]  # with the classifier as its starting weights it is an input itself
+    assert prints[0][0] != prints[0][1]
 
 
 def test_init_from_loads_another_runs_backbone_and_rejects_a_different_one(tmp_path):

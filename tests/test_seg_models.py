@@ -219,3 +219,62 @@ def test_train_seg_fully_supervised_baseline_needs_no_pseudo_masks(tmp_path):
 def test_gradient_clipping_needs_a_crop_divisible_by_the_window(tmp_path):
     with pytest.raises(ValueError, match="divisible"):
         run_train_seg(tmp_path, ["train_seg.loss=gradient_clipping", "train_seg.window_size=120"])
+
+
+def classifier_checkpoint(path, backbone: str) -> dict:
+    """A weakseg classifier checkpoint (`backbone.model.*` + a head) with random weights; returns its backbone."""
+    from weakseg.models.backbones import Backbone
+    from weakseg.train.loop import save_checkpoint
+
+    torch.manual_seed(1)
+    net = Backbone(backbone, pretrained=False)
+    state = {f"backbone.{k}": v for k, v in net.state_dict().items()}
+    state["head.weight"] = torch.randn(4, net.feature_dim, 1, 1)
+    save_checkpoint(path, {"model": state, "epoch": 1})
+    return {k.removeprefix("model."): v for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["lraspp_test_efficientnet", "unet_test_efficientnet"])
+def test_encoder_starts_from_the_classifier_backbone(tmp_path, name):
+    from weakseg.train.segmentation import init_encoder_from_classifier
+
+    source = classifier_checkpoint(tmp_path / "cls.pt", "test_efficientnet")
+    torch.manual_seed(0)
+    model = build_seg_model(name, NUM_CLASSES, pretrained=False)
+    encoder_ptrs = {t.data_ptr() for t in model.encoder_module().state_dict().values()}
+    head_before = {k: v.clone() for k, v in model.state_dict().items() if v.data_ptr() not in encoder_ptrs}
+    assert head_before
+    info = init_encoder_from_classifier(model, tmp_path / "cls.pt")
+    encoder = model.encoder_module().state_dict()
+    assert info["encoder_init_tensors"] == info["encoder_tensors"] == len(encoder)
+    for key, tensor in encoder.items():
+        assert torch.equal(tensor, source[key.removeprefix("model.")]), key
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in head_before.items())  # the head is untouched
+
+
+def test_encoder_from_a_different_classifier_backbone_is_an_error(tmp_path):
+    from weakseg.train.segmentation import init_encoder_from_classifier
+
+    classifier_checkpoint(tmp_path / "cls.pt", "test_resnet")
+    model = build_seg_model("lraspp_test_efficientnet", NUM_CLASSES, pretrained=False)
+    with pytest.raises(ValueError, match=r"cls\.pt holds \d of the \d+ encoder tensors"):
+        init_encoder_from_classifier(model, tmp_path / "cls.pt")
+
+
+def test_onnx_export_carries_the_calibration_as_a_logit_shift(tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from weakseg.models.export import export_onnx, onnx_parity
+    from weakseg.models.inference import SegPredictor
+
+    model = cached_model("lraspp_test_efficientnet").eval()
+    weights = [1.0, 4.0, 0.25]
+    path = export_onnx(model, tmp_path / "calibrated.onnx", 64, class_weights=weights)
+    assert onnx_parity(model, path, 64, class_weights=weights) < 1e-4
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    rgb = (image.transpose(2, 0, 1)[None] / 255).astype(np.float32)
+    (logits,) = ort.InferenceSession(str(path)).run(["logits"], {"image": rgb})
+    plain = SegPredictor(model, 64).labels(image)
+    calibrated = SegPredictor(model, 64, class_weights=weights).labels(image)
+    assert (calibrated != plain).mean() > 0.05  # the weights change many labels ...
+    assert (logits[0].argmax(0) == calibrated).mean() > 0.999  # ... and the exported graph gives the same ones

@@ -113,8 +113,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             predictor, _ = load_predictor(args.run, "cpu")
             size = args.size or predictor.infer_size
-            path = export_onnx(predictor.model, args.out, size)
-            diff = onnx_parity(predictor.model, path, size)
+            weights = None if predictor.class_weights is None else predictor.class_weights.tolist()
+            path = export_onnx(predictor.model, args.out, size, class_weights=weights)
+            diff = onnx_parity(predictor.model, path, size, class_weights=weights)
             print(f"wrote {path} (input 1x3x{size}x{size} RGB in [0, 1]); max |torch - onnxruntime| = {diff:.2e}")
             if diff > args.tolerance:
                 print(f"weakseg: error: ONNX parity {diff:.2e} exceeds tolerance {args.tolerance}", file=sys.stderr)

@@ -176,6 +176,11 @@ class SegTrainCfg:
     window_size: int = 120  # gradient_clipping: window side in pixels; must divide crop_size
     optimizer: str = "adamw"  # adamw | adam | sgd (Nesterov, momentum 0.9, as WeakTr)
     encoder_lr_scale: float = 1.0  # lr multiplier of the pretrained encoder (WeakTr: 0.1)
+    # start the encoder from this run's classifier backbone (trained on the image labels) instead of `pretrained`
+    encoder_from_classifier: bool = field(default=False, metadata=LATE)
+    # none | prior_match: per-class weights on the model's probabilities fitted, without pixel labels, so that its
+    # labels give each class the pseudo-masks' share of pixels on the held-out images (weakseg.train.calibration)
+    calibration: str = field(default="none", metadata=LATE)
     checkpoint_every: int = 0
     infer_size: int = 0  # longer image side at inference; 0 = crop_size
     infer_scales: list[float] = field(default_factory=lambda: [1.0])

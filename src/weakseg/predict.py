@@ -13,6 +13,7 @@ from weakseg.io import read_json, save_label_png
 from weakseg.models.inference import SegPredictor
 from weakseg.models.segmentation import build_seg_model
 from weakseg.runs import StageError, require_all_written, verify_outputs
+from weakseg.train.calibration import load_class_weights
 from weakseg.train.loop import load_checkpoint
 
 
@@ -27,7 +28,8 @@ def load_predictor(run_dir: str | Path, device: str = "auto") -> tuple[SegPredic
     model.load_state_dict(load_checkpoint(seg_dir / "model.pt")["model"])
     sc = cfg.train_seg
     dev = dist.resolve_device(device if device != "auto" else cfg.device)
-    return SegPredictor.from_config(model, sc, dev, cfg.precision), class_names
+    weights = load_class_weights(seg_dir, sc.calibration)
+    return SegPredictor.from_config(model, sc, dev, cfg.precision, weights), class_names
 
 
 def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, device: str = "auto") -> list[Path]:

@@ -131,6 +131,8 @@ def stage_fingerprint(cfg: PipelineCfg, stage: str, legacy: bool = False) -> str
             if marker.exists():
                 upstream["agnostic_cams_run"] = (read_marker(marker) or {}).get("checksum")
                 break
+    if stage == "train-seg" and cfg.train_seg.encoder_from_classifier:  # the classifier is its starting point
+        upstream["train-cls"] = (read_marker(cfg.run_dir / "train-cls" / "done.json") or {}).get("checksum")
     if stage == "train-cls" and cfg.train_cls.init_from:  # its starting weights are an input too
         upstream["init_from"] = _init_from_identity(cfg.train_cls.init_from, cfg.runs_dir)
     blob = json.dumps({"stage": stage, "config": own, "upstream": upstream}, sort_keys=True)

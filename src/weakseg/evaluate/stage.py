@@ -21,7 +21,7 @@ from weakseg.cams.generate import CamInputs, build_generator, cam_input_size, fi
 from weakseg.data import build_dataset, collapse_to_binary, seg_dataset
 from weakseg.data.base import DataError, Subset, WeakSegDataset
 from weakseg.evaluate.metrics import ConfusionMatrix, PerImageMeter, summarize_binary
-from weakseg.io import load_cam, load_label_png, read_json, write_json
+from weakseg.io import IGNORE_INDEX, load_cam, load_label_png, read_json, write_json
 from weakseg.masks.makers import threshold_labels
 from weakseg.masks.stage import choose_threshold, upsample_cam
 from weakseg.runs import StageContext, StageError
@@ -79,19 +79,31 @@ def evaluate_cams(ctx: StageContext, ds: WeakSegDataset, indices: list[int], thr
 
 
 def evaluate_masks(ds: WeakSegDataset, indices: list[int], mask_dir: Path) -> dict:
-    """Pseudo-masks (`mask_dir`/<id>.png) of `indices` against `ds`'s GT; ignored pixels count as background."""
+    """Pseudo-masks (`mask_dir`/<id>.png) of `indices` against `ds`'s GT; ignored pixels count as background.
+
+    Masks with ignored (255) pixels also get `on_labelled_pixels` (scored only where the mask gives a label) and
+    `ignored_fraction` (of the GT's non-void pixels).
+    """
     cm = ConfusionMatrix(ds.num_classes, ds.class_names)
+    labelled = ConfusionMatrix(ds.num_classes, ds.class_names)
     per = PerImageMeter(ds.num_classes, ds.class_names)
     per_image = []
     for i in dist.shard(indices):
-        gt, pred = ds.mask(i), load_label_png(mask_dir / f"{ds.ids[i]}.png")
-        pred = np.where(pred == 255, 0, pred)  # ignored pseudo-label pixels count as background when scored
+        gt, raw = ds.mask(i), load_label_png(mask_dir / f"{ds.ids[i]}.png")
+        ignored = raw == IGNORE_INDEX
+        pred = np.where(ignored, 0, raw)  # ignored pseudo-label pixels count as background when scored
         cm.update(gt, pred)
+        labelled.update(np.where(ignored, IGNORE_INDEX, gt), pred)
         per.update(gt, pred)
         one = ConfusionMatrix(ds.num_classes)
         one.update(gt, pred)
         per_image.append((ds.ids[i], one.compute()["mIoU"]))
     out = _summary(cm)
+    labelled.reduce_across_ranks()
+    ignored_fraction = 1.0 - float(labelled.mat.sum()) / max(float(cm.mat.sum()), 1.0)
+    if ignored_fraction > 0:
+        out["ignored_fraction"] = ignored_fraction
+        out["on_labelled_pixels"] = labelled.compute()
     per.reduce_across_ranks()
     out["per_image_average"] = per.compute()
     out["per_image_mIoU"] = dist.gather_lists(per_image)

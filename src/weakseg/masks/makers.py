@@ -50,7 +50,7 @@ class MaskMaker:
         if 0 <= cfg.ignore_low < cfg.ignore_high and not self.writes_ignore_band:
             raise ValueError(f"masks.method={cfg.method} writes no ignore band, but masks.ignore_low / ignore_high = "
                              f"{cfg.ignore_low} / {cfg.ignore_high} ask for one; unset them (-1) or use "
-                             f"masks.method=threshold or fusion")
+                             f"another masks.method (only the refiner has none)")
         self.cfg = cfg
         self.bg_threshold = cfg.bg_threshold
 
@@ -84,7 +84,12 @@ class CrfMaker(MaskMaker):
 
     crf_unary=softmax: unary from softmax([bg plane at the threshold, cams] / T) (AFA/WeakTr final-CRF style);
     crf_unary=labels: unary from the threshold+argmax labels with crf_gt_prob (WeakTr CAM / Ensembled style).
+    With an ignore band [ignore_low, ignore_high) (IRN's confident regions), two CRF passes replace the one at
+    the threshold: foreground where the pass with its background plane at ignore_high still says foreground,
+    background where the pass at ignore_low still says background, 255 elsewhere.
     """
+
+    writes_ignore_band = True
 
     def __init__(self, cfg: MaskCfg):
         super().__init__(cfg)
@@ -97,11 +102,22 @@ class CrfMaker(MaskMaker):
     def make(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray) -> np.ndarray:
         if cams.shape[0] == 0:
             return np.zeros(cams.shape[1:], dtype=np.uint8)
+        if not 0 <= self.cfg.ignore_low < self.cfg.ignore_high:
+            return self.crf_labels(cams, classes, image, self.bg_threshold)
+        confident_fg = self.crf_labels(cams, classes, image, self.cfg.ignore_high)
+        confident_bg = self.crf_labels(cams, classes, image, self.cfg.ignore_low) == 0
+        out = np.full(confident_fg.shape, IGNORE_INDEX, dtype=np.uint8)
+        out[confident_fg > 0] = confident_fg[confident_fg > 0]
+        out[(confident_fg == 0) & confident_bg] = 0
+        return out
+
+    def crf_labels(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray, bg_value: float) -> np.ndarray:
+        """One CRF pass with the background plane at `bg_value` -> (H, W) uint8 labels (0 = background)."""
         if self.cfg.crf_unary == "softmax":
-            probs = background_softmax(cams, self.bg_threshold, self.cfg.crf_softmax_temperature)
+            probs = background_softmax(cams, bg_value, self.cfg.crf_softmax_temperature)
             marginals = crf_from_probabilities(image, probs, self.params)
         else:
-            index = np.where(cams.max(axis=0) >= self.bg_threshold, cams.argmax(axis=0) + 1, 0)
+            index = np.where(cams.max(axis=0) >= bg_value, cams.argmax(axis=0) + 1, 0)
             marginals = crf_from_labels(image, index, cams.shape[0] + 1, self.cfg.crf_gt_prob, self.params)
         ids = np.concatenate([[0], np.asarray(classes)]).astype(np.uint8)
         return ids[marginals.argmax(axis=0)]
@@ -197,11 +213,9 @@ class FusionCrfMaker(FusionMaker):
     """The fusion, then the dense CRF: unary softmax([t, F * cams_k / max_j cams_j] / T) on the original image.
 
     Before the CRF its argmax is exactly the fusion maker's labels; the CRF then moves the unsure pixels to
-    colour edges, with the `crf` maker's unary temperature and kernels (masks.crf_*). Like `crf`, it writes no
-    ignore band (asking for one is an error).
+    colour edges, with the `crf` maker's unary temperature and kernels (masks.crf_*), and its two-pass ignore
+    band when masks.ignore_low / ignore_high are set (on the fused scores, whose max is the foreground map).
     """
-
-    writes_ignore_band = False
 
     def __init__(self, cfg: MaskCfg):
         super().__init__(cfg)

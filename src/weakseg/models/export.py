@@ -12,7 +12,7 @@ import copy
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,16 +22,23 @@ from weakseg.models.segmentation import SegModel
 
 
 class NormalisedSegModel(nn.Module):
-    """(B, 3, H, W) RGB in [0, 1] -> the wrapped model's logits (B, C, H, W)."""
+    """(B, 3, H, W) RGB in [0, 1] -> the wrapped model's logits (B, C, H, W).
 
-    def __init__(self, model: SegModel):
+    With `class_weights` (C,) (a run's calibration) the logits are shifted by log w_c, so that their argmax is
+    argmax_c w_c * softmax_c, the label `weakseg predict` gives at one scale.
+    """
+
+    def __init__(self, model: SegModel, class_weights: Optional[Sequence[float]] = None):
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(model.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(model.std, dtype=torch.float32).view(1, 3, 1, 1))
+        log_weights = None if class_weights is None else torch.tensor(list(class_weights)).log().view(1, -1, 1, 1)
+        self.register_buffer("log_weights", log_weights)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model((image - self.mean) / self.std)
+        logits = self.model((image - self.mean) / self.std)
+        return logits if self.log_weights is None else logits + self.log_weights
 
 
 def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -69,8 +76,10 @@ def frozen_position_embeddings() -> Iterator[None]:
             module.resample_abs_pos_embed = original
 
 
-def export_onnx(model: SegModel, path: str | Path, size: int | tuple[int, int], opset: int = 17) -> Path:
-    """Write `model` (eval mode, on CPU) as ONNX for inputs of `size` (H, W) or H = W = size; returns the path."""
+def export_onnx(model: SegModel, path: str | Path, size: int | tuple[int, int], opset: int = 17,
+                class_weights: Optional[Sequence[float]] = None) -> Path:
+    """Write `model` (eval mode, on CPU) as ONNX for inputs of `size` (H, W) or H = W = size; returns the path.
+    `class_weights`: see `NormalisedSegModel`."""
     try:
         import onnx
     except ImportError as e:
@@ -79,7 +88,7 @@ def export_onnx(model: SegModel, path: str | Path, size: int | tuple[int, int], 
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = _hw(size)
     example = torch.rand(1, 3, h, w)
-    wrapped = NormalisedSegModel(copy.deepcopy(model)).cpu().eval()
+    wrapped = NormalisedSegModel(copy.deepcopy(model), class_weights).cpu().eval()
     with torch.no_grad(), warnings.catch_warnings(), frozen_position_embeddings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: no onnxscript needed
@@ -92,7 +101,7 @@ def export_onnx(model: SegModel, path: str | Path, size: int | tuple[int, int], 
 
 
 def onnx_parity(model: SegModel, path: str | Path, size: int | tuple[int, int], batch: int = 2,
-                seed: int = 0) -> float:
+                seed: int = 0, class_weights: Optional[Sequence[float]] = None) -> float:
     """Max |logits_torch - logits_onnxruntime| on seeded random images of `size` (the check export must pass)."""
     try:
         import onnxruntime as ort
@@ -100,7 +109,7 @@ def onnx_parity(model: SegModel, path: str | Path, size: int | tuple[int, int], 
         raise ImportError("the ONNX parity check needs onnxruntime: pip install weakseg[onnx]") from e
     h, w = _hw(size)
     image = torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
-    wrapped = NormalisedSegModel(copy.deepcopy(model)).cpu().eval()
+    wrapped = NormalisedSegModel(copy.deepcopy(model), class_weights).cpu().eval()
     with torch.no_grad():
         expected = wrapped(image).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -3,6 +3,8 @@ back to the input size."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,11 +16,14 @@ from weakseg.models.segmentation import SegModel
 
 
 class SegPredictor:
-    """Wraps a trained `SegModel`: image (H, W, 3) uint8 -> class probabilities (C, H, W) / labels (H, W)."""
+    """Wraps a trained `SegModel`: image (H, W, 3) uint8 -> class probabilities (C, H, W) / labels (H, W).
+
+    `class_weights` (C,): labels are argmax_c w_c * p_c (a label-free calibration, weakseg.train.calibration).
+    """
 
     def __init__(self, model: SegModel, infer_size: int, scales: list[float] | None = None, flip: bool = False,
                  device: torch.device | str = "cpu", window: int = 0, window_overlap: float = 1 / 3,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", class_weights: Sequence[float] | None = None):
         if window < 0 or not 0 <= window_overlap < 1:
             raise ValueError(f"sliding window needs window >= 0 and 0 <= overlap < 1, got {window}, {window_overlap}")
         self.model = dist.channels_last(model.to(device).eval())
@@ -28,13 +33,14 @@ class SegPredictor:
         self.precision = dist.resolve_precision(precision, self.device)
         self.normalize = normalizer(model.mean, model.std)
         self.divisor = getattr(model, "size_divisor", 32)
+        self.class_weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
 
     @classmethod
-    def from_config(cls, model: SegModel, sc, device: torch.device | str = "cpu",
-                    precision: str = "fp32") -> "SegPredictor":
+    def from_config(cls, model: SegModel, sc, device: torch.device | str = "cpu", precision: str = "fp32",
+                    class_weights: Sequence[float] | None = None) -> "SegPredictor":
         """From a `SegTrainCfg` (infer_size, infer_scales, infer_flip, infer_window, infer_window_overlap)."""
         return cls(model, sc.infer_size or sc.crop_size, sc.infer_scales, sc.infer_flip, device,
-                   sc.infer_window, sc.infer_window_overlap, precision)
+                   sc.infer_window, sc.infer_window_overlap, precision, class_weights)
 
     def _size(self, h: int, w: int, scale: float) -> tuple[int, int]:
         f = self.infer_size * scale / max(h, w)
@@ -83,7 +89,13 @@ class SegPredictor:
         return (total / count)[:, :, :h, :w]
 
     def labels(self, image: np.ndarray) -> np.ndarray:
-        return self.probabilities(image).argmax(0).to(torch.uint8).cpu().numpy()
+        """(H, W, 3) uint8 -> (H, W) uint8 class ids."""
+        probs = self.probabilities(image)
+        if self.class_weights is not None:
+            if len(self.class_weights) != probs.shape[0]:
+                raise ValueError(f"{len(self.class_weights)} class weights for a {probs.shape[0]}-class model")
+            probs = probs * self.class_weights.to(probs.device)[:, None, None]
+        return probs.argmax(0).to(torch.uint8).cpu().numpy()
 
 
 def _window_starts(length: int, window: int, stride: int) -> list[int]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from weakseg import dist
 from weakseg.data import seg_dataset, train_val_indices
 from weakseg.data.base import WeakSegDataset
 from weakseg.data.torch_datasets import SegmentationDataset
@@ -24,6 +25,7 @@ from weakseg.models.backbones import normalizer
 from weakseg.models.inference import SegPredictor
 from weakseg.models.segmentation import SegModel, build_seg_model
 from weakseg.runs import StageContext, StageError
+from weakseg.train.calibration import CALIBRATION_FILE, check_calibration, load_class_weights, prior_match
 from weakseg.train.losses import build_seg_loss
 from weakseg.train.loop import fit, load_checkpoint
 
@@ -46,6 +48,31 @@ def gt_subset(ds: WeakSegDataset, indices: list[int], ratio: float, seed: int) -
     return sorted(int(with_gt[j]) for j in order[:k])
 
 
+def init_encoder_from_classifier(model: SegModel, path: Path) -> dict:
+    """Load a weakseg classifier checkpoint's backbone tensors into the segmentation model's encoder.
+
+    Matched by name (the encoder may wrap the timm model one level deeper, as smp's `tu-` encoders do) and
+    shape; at least 90 % of the encoder's tensors must be found, otherwise the two backbones differ: an error.
+    """
+    encoder = model.encoder_module()
+    if encoder is None:
+        raise ValueError("train_seg.encoder_from_classifier: this segmentation model has no separate encoder")
+    state = load_checkpoint(path)["model"]
+    prefix = "backbone.model."
+    src = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    dst = encoder.state_dict()
+    matched = {}
+    for key, tensor in dst.items():
+        found = src.get(key, src.get(key.removeprefix("model.")))
+        if found is not None and tuple(found.shape) == tuple(tensor.shape):
+            matched[key] = found
+    if len(matched) < 0.9 * len(dst):
+        raise ValueError(f"train_seg.encoder_from_classifier: {path} holds {len(matched)} of the {len(dst)} "
+                         f"encoder tensors of train_seg.model (the classifier's backbone must be the same network)")
+    encoder.load_state_dict(matched, strict=False)
+    return {"encoder_init": str(path), "encoder_init_tensors": len(matched), "encoder_tensors": len(dst)}
+
+
 def build_optimizer(model: SegModel, sc) -> torch.optim.Optimizer:
     """`train_seg.optimizer` over the model's param groups (encoder lr scaled by encoder_lr_scale)."""
     groups = model.param_groups(sc.lr, sc.encoder_lr_scale, sc.weight_decay)
@@ -66,13 +93,15 @@ def load_seg_model(ctx: StageContext, num_classes: int) -> SegModel:
 
 def predictor_for(ctx: StageContext, model: SegModel) -> SegPredictor:
     sc = ctx.cfg.train_seg
-    return SegPredictor.from_config(model, sc, ctx.device, ctx.cfg.precision)
+    weights = load_class_weights(ctx.upstream("train-seg"), sc.calibration)
+    return SegPredictor.from_config(model, sc, ctx.device, ctx.cfg.precision, weights)
 
 
 def run(ctx: StageContext) -> dict:
     cfg, sc = ctx.cfg, ctx.cfg.train_seg
     if sc.targets not in ("pseudo", "gt"):
         raise ValueError(f"train_seg.targets must be pseudo or gt, got {sc.targets!r}")
+    check_calibration(sc.calibration)
     ds = seg_dataset(cfg.data, cfg.data.train_split)
     train_idx, val_idx = train_val_indices(len(ds), cfg.data.val_fraction, cfg.seed)
     criterion = build_seg_loss(sc.loss, sc.start_value, sc.window_size, sc.crop_size)
@@ -99,7 +128,9 @@ def run(ctx: StageContext) -> dict:
         return load_label_png(mask_dir / f"{ds.ids[i]}.png")
 
     torch.manual_seed(cfg.seed)
-    model = build_seg_model(sc.model, ds.num_classes, sc.pretrained)
+    model = build_seg_model(sc.model, ds.num_classes, sc.pretrained and not sc.encoder_from_classifier)
+    init_info = (init_encoder_from_classifier(model, ctx.upstream("train-cls") / "model.pt")
+                 if sc.encoder_from_classifier else {})
     normalize = normalizer(model.mean, model.std)
     train_set = SegmentationDataset(ds, train_idx, target, sc.crop_size, train=True, seed=cfg.seed)
     val_set = SegmentationDataset(ds, val_idx, target, sc.crop_size, train=False)
@@ -123,6 +154,7 @@ def run(ctx: StageContext) -> dict:
     result = fit(ctx, model, train_set, loss_fn, optimizer, sc.epochs, sc.batch_size, cfg.seed,
                  validate=validate if len(val_set) else None, select_key=val_key, num_workers=sc.num_workers,
                  checkpoint_every=sc.checkpoint_every)
+    calibration = calibrate(ctx, ds, val_idx, target, val_key) if sc.calibration != "none" else {}
     if sc.targets == "gt":
         selection = "lowest CE against GT masks of held-out training images (fully supervised baseline)"
     elif len(val_set):
@@ -131,6 +163,7 @@ def run(ctx: StageContext) -> dict:
         selection = "last epoch (no held-out images)"
     return {
         "model": sc.model,
+        **init_info,
         "targets": sc.targets,
         "loss": sc.loss,
         **({"start_value": sc.start_value, "window_size": sc.window_size} if sc.loss == "gradient_clipping" else {}),
@@ -142,4 +175,25 @@ def run(ctx: StageContext) -> dict:
         "gt_subset_file": "gt_subset.json",
         "train_images": len(train_idx),
         "train_seconds": round(time.time() - t0, 1),
+        **calibration,
     }
+
+
+def calibrate(ctx: StageContext, ds: WeakSegDataset, val_idx: list[int], target, val_key: str) -> dict:
+    """Fit `train_seg.calibration` for the selected model.pt on the held-out images (rank 0) -> metrics."""
+    sc = ctx.cfg.train_seg
+    if not val_idx:
+        raise StageError(f"train_seg.calibration={sc.calibration} fits on the held-out training images, but there "
+                         f"are none (data.val_fraction = {ctx.cfg.data.val_fraction})")
+    t0 = time.time()
+    dist.barrier()  # model.pt is written by rank 0
+    if dist.is_main_process():
+        model = build_seg_model(sc.model, ds.num_classes, pretrained=False)
+        model.load_state_dict(load_checkpoint(ctx.out / "model.pt")["model"])
+        predictor = SegPredictor.from_config(model, sc, ctx.device, ctx.cfg.precision)
+        record = prior_match(lambda i: predictor.probabilities(ds.image(i)), target, val_idx, ds.num_classes)
+        record["fitted_on"] = f"{len(val_idx)} held-out training images' {val_key.removeprefix('val_loss_vs_')} masks"
+        write_json(ctx.out / CALIBRATION_FILE, record)
+    dist.barrier()
+    return {"calibration": sc.calibration, "calibration_file": CALIBRATION_FILE,
+            "calibration_seconds": round(time.time() - t0, 1)}
