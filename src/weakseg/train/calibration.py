@@ -4,8 +4,8 @@ A model trained on noisy pseudo-masks tends to give the rarer classes fewer pixe
 where the targets disagree from image to image, background wins. Prior matching finds one weight per class
 so that argmax_c(w_c * p_c) gives each class the same share of pixels as the pseudo-masks do, on held-out
 training images (the ones already set aside for label-free model selection). It reads pseudo-masks only,
-never pixel ground truth. Background keeps weight 1. `evaluate` and `predict` apply the weights; an ONNX export
-holds the network only (multiply its softmax by `class_weights` from calibration.json before the argmax).
+never pixel ground truth. Background keeps weight 1. `evaluate` and `predict` apply the weights, and
+`weakseg export` adds log w_c to the exported logits (the same labels at one scale).
 """
 
 from __future__ import annotations

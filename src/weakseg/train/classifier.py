@@ -20,7 +20,7 @@ from weakseg.data.torch_datasets import ClassificationDataset
 from weakseg.io import write_json
 from weakseg.models.classifier import CamClassifier
 from weakseg.runs import StageContext, resolve_init_from
-from weakseg.train.loop import fit, load_checkpoint
+from weakseg.train.loop import fit, load_checkpoint, load_classifier_backbone
 
 
 def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -79,16 +79,10 @@ def init_backbone_from(model, path: Path) -> dict:
     Tensors the target lacks (e.g. a CLS token WeakTr strips) are ignored; at least 90% of the target backbone's
     tensors must be found with the same shape, otherwise the two runs' backbones differ and this is an error.
     """
-    state = load_checkpoint(path)["model"]
-    src = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    dst = model.backbone.state_dict()
-    matched = {k: v for k, v in src.items() if k in dst and tuple(v.shape) == tuple(dst[k].shape)}
-    if len(matched) < 0.9 * len(dst):
-        raise ConfigError(f"train_cls.init_from: {path} holds {len(matched)} of the {len(dst)} backbone tensors of "
-                          f"train_cls.backbone (same backbone name and output_stride needed)")
-    model.backbone.load_state_dict(matched, strict=False)
+    copied = load_classifier_backbone(path, model.backbone, "train_cls.init_from", "backbone tensors of "
+                                      "train_cls.backbone (same backbone name and output_stride needed)")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return {"init_from": str(path), "init_from_sha256": digest, "init_from_tensors": len(matched)}
+    return {"init_from": str(path), "init_from_sha256": digest, "init_from_tensors": copied}
 
 def load_classifier(ctx: StageContext):
     """The trained classifier of this run (architecture from the config, weights from train-cls/model.pt)."""

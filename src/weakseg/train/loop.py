@@ -57,6 +57,29 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
+def load_classifier_backbone(path: Path, module: nn.Module, what: str, tensors: str,
+                             names: Callable[[str], tuple[str, ...]] = lambda key: (key,)) -> int:
+    """Copy a weakseg classifier checkpoint's `backbone.*` tensors into `module`, matched by name and shape.
+
+    `names(key)`: the backbone names (without `backbone.`) a tensor of `module` may have in the checkpoint.
+    Tensors `module` lacks are ignored; at least 90 % of its own must be found, otherwise the two networks differ:
+    a ConfigError "`what`: `path` holds n of the N `tensors`". Returns the number of tensors copied.
+    """
+    from weakseg.config import ConfigError
+
+    source = {k[len("backbone."):]: v for k, v in load_checkpoint(path)["model"].items() if k.startswith("backbone.")}
+    own = module.state_dict()
+    matched = {}
+    for key, tensor in own.items():
+        found = next((source[n] for n in names(key) if n in source), None)
+        if found is not None and tuple(found.shape) == tuple(tensor.shape):
+            matched[key] = found
+    if len(matched) < 0.9 * len(own):
+        raise ConfigError(f"{what}: {path} holds {len(matched)} of the {len(own)} {tensors}")
+    module.load_state_dict(matched, strict=False)
+    return len(matched)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 

@@ -27,7 +27,7 @@ from weakseg.models.segmentation import SegModel, build_seg_model
 from weakseg.runs import StageContext, StageError
 from weakseg.train.calibration import CALIBRATION_FILE, check_calibration, load_class_weights, prior_match
 from weakseg.train.losses import build_seg_loss
-from weakseg.train.loop import fit, load_checkpoint
+from weakseg.train.loop import fit, load_checkpoint, load_classifier_backbone
 
 
 def gt_subset(ds: WeakSegDataset, indices: list[int], ratio: float, seed: int) -> list[int]:
@@ -57,20 +57,11 @@ def init_encoder_from_classifier(model: SegModel, path: Path) -> dict:
     encoder = model.encoder_module()
     if encoder is None:
         raise ValueError("train_seg.encoder_from_classifier: this segmentation model has no separate encoder")
-    state = load_checkpoint(path)["model"]
-    prefix = "backbone.model."
-    src = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    dst = encoder.state_dict()
-    matched = {}
-    for key, tensor in dst.items():
-        found = src.get(key, src.get(key.removeprefix("model.")))
-        if found is not None and tuple(found.shape) == tuple(tensor.shape):
-            matched[key] = found
-    if len(matched) < 0.9 * len(dst):
-        raise ValueError(f"train_seg.encoder_from_classifier: {path} holds {len(matched)} of the {len(dst)} "
-                         f"encoder tensors of train_seg.model (the classifier's backbone must be the same network)")
-    encoder.load_state_dict(matched, strict=False)
-    return {"encoder_init": str(path), "encoder_init_tensors": len(matched), "encoder_tensors": len(dst)}
+    copied = load_classifier_backbone(path, encoder, "train_seg.encoder_from_classifier",
+                                      "encoder tensors of train_seg.model (the classifier's backbone must be the "
+                                      "same network)", names=lambda key: ("model." + key, key))
+    return {"encoder_init": str(path), "encoder_init_tensors": copied,
+            "encoder_tensors": len(encoder.state_dict())}
 
 
 def build_optimizer(model: SegModel, sc) -> torch.optim.Optimizer:
