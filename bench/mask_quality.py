@@ -5,7 +5,8 @@ Takes the CAMs of `--run` (its cams stage), applies the run's resolved config pl
 evaluate stage does (dataset-pooled, 255 ignored, ignored pseudo-label pixels counted as background). The
 background threshold is chosen as the masks stage chooses it: label-free (Otsu over every training image's
 CAMs) unless masks.bg_threshold is set. Nothing is written into the run directory: a maker's own files (the
-refiner's model and log) go to a temporary folder with the masks.
+refiner's model and log) go to a temporary folder with the masks, or to --work DIR, where a later row finds
+and reuses a trained refiner or affinity head (one folder per training setting).
 
     python -m bench.mask_quality --run runs/voc07-best --label crf-labels masks.crf_unary=labels
 """
@@ -23,15 +24,19 @@ from weakseg.masks.stage import MaskJob, choose_threshold, make_masks
 
 
 def main() -> None:
-    args = quality_args(__doc__, "a completed cams stage", "mask_quality")
+    args = quality_args(__doc__, "a completed cams stage", "mask_quality",
+                        work=("--work", {"default": "", "help": "folder for the maker's own files (default: a "
+                                         "temporary one); rows that share it reuse a trained refiner / affinity "
+                                         "head, so give each training setting its own"}))
     run_dir = Path(args.run)
     ctx = run_context(run_dir, "cams", "masks", args.overrides)
     cfg = ctx.cfg
     ds, scored_ds, masked = masked_training_images(cfg)
     cam_dir = ctx.upstream("cams") / "cams"
     with tempfile.TemporaryDirectory() as tmp:
-        ctx.out = Path(tmp) / "masks"  # a maker's own files (the refiner's model, its log) stay out of the run
-        (ctx.out / "masks").mkdir(parents=True)
+        # a maker's own files (the refiner's model, its log) stay out of the run
+        ctx.out = Path(args.work) if args.work else Path(tmp) / "masks"
+        (ctx.out / "masks").mkdir(parents=True, exist_ok=True)
         maker = build_mask_maker(cfg.masks)
         prepare_metrics = maker.prepare(ctx, ds, cam_dir)
         threshold, rule = None, "n/a"
@@ -43,6 +48,7 @@ def main() -> None:
         workers = cfg.masks.num_workers if maker.parallel_safe else 0
         make_masks(job, masked, workers, desc=f"masks {args.label}")
         seconds = time.perf_counter() - t0
+        maker.finish()
         scored = evaluate_masks(scored_ds, masked, ctx.out / "masks")
     write_result(f"mask_quality-{args.label}", {
         "run": str(run_dir),

@@ -96,6 +96,9 @@ def test_cnn_backbone_has_no_attention_but_multi_level_features():
     final, levels = bb.forward_levels(torch.randn(2, 3, 64, 64), 2)
     assert final.shape == (2, bb.feature_dim, 4, 4)
     assert levels.shape[0] == 2 and levels.shape[-2:] == (4, 4) and levels.shape[1] != bb.feature_dim
+    pyramid = bb.forward_pyramid(torch.randn(2, 3, 64, 64), 3)  # finest first, each at its own stride
+    assert [p.shape[-1] for p in pyramid] == [8, 4, 4]
+    assert sum(p.shape[1] for p in pyramid[1:]) == levels.shape[1]  # forward_levels concatenates the last two
 
 
 # --- hybrid ViT ------------------------------------------------------------------------------------------------

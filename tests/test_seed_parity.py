@@ -300,6 +300,7 @@ def test_late_keys_leave_existing_fingerprints_alone_until_set():
                          ("train_cls", "weaktr_token_init"), ("train_seg", "infer_window"),
                          ("train_seg", "infer_window_overlap"), ("train_seg", "encoder_from_classifier"),
                          ("train_seg", "calibration"),
+                         *(("masks", key) for key in full["masks"] if key.startswith("affinity_")),
                          ("masks", "num_workers"),
                          ("train_cls", "num_workers"), ("train_seg", "num_workers")):
         full[section].pop(key)

@@ -127,7 +127,7 @@ class CamCfg:
 class MaskCfg:
     """Stage 3: CAMs -> pseudo-masks."""
 
-    method: str = "threshold"  # threshold | crf | refiner | fusion | fusion_crf (weakseg.masks.MAKERS)
+    method: str = "threshold"  # threshold | crf | refiner | fusion | fusion_crf | affinity | affinity_crf (MAKERS)
     bg_threshold: float = -1.0  # < 0: chosen label-free (Otsu on the pooled CAM histogram)
     ignore_low: float = -1.0  # ignore band [low, high) around the threshold written as 255; < 0 = off
     ignore_high: float = -1.0
@@ -155,6 +155,18 @@ class MaskCfg:
     # fusion / fusion_crf: class-agnostic foreground map (e.g. CCAM) x class-specific CAMs (fusion_crf: then the
     # dense CRF above on the fused scores).
     agnostic_cams_run: str = ""  # run name (under runs_dir) or path whose `cams` stage holds the foreground maps
+    # affinity / affinity_crf: AffinityNet-style affinity head on the frozen classifier's last three feature levels,
+    # trained on CAM seeds (class where top CAM >= seed_high, background where < seed_low, ignored between), then
+    # a random walk of the CAMs (weakseg.masks.affinity); affinity_crf adds the dense CRF above on the walked maps.
+    affinity_image_size: int = field(default=320, metadata=LATE)  # images are resized to this square
+    affinity_seed_low: float = field(default=0.1, metadata=LATE)
+    affinity_seed_high: float = field(default=0.5, metadata=LATE)
+    affinity_epochs: int = field(default=3, metadata=LATE)
+    affinity_batch_size: int = field(default=16, metadata=LATE)
+    affinity_lr: float = field(default=1e-3, metadata=LATE)  # Adam
+    affinity_radius: int = field(default=5, metadata=LATE)  # neighbours within this many grid cells
+    affinity_beta: float = field(default=8.0, metadata=LATE)  # T = D^-1 A^beta (AffinityNet 8, IRN 10)
+    affinity_iterations: int = field(default=256, metadata=LATE)  # walk steps (AffinityNet / IRN: T^256)
 
 
 @dataclass

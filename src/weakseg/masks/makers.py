@@ -3,14 +3,14 @@
 Interface (`MaskMaker.make`): cams (K, H, W) float in [0, 1] at image size, classes (K,) 1-based class ids,
 image (H, W, 3) uint8 RGB (the original pixels, never a normalised tensor) -> (H, W) uint8 label map
 with 255 = ignore. Makers that need more than that use two optional hooks the masks stage calls:
-`prepare(ctx, ds, cam_dir)` once per run (e.g. to train the refiner) and `extra_inputs(sample_id, size)`
-per image (keyword inputs of `make`, e.g. the fusion maker's foreground map).
+`prepare(ctx, ds, cam_dir)` once per run (e.g. to train the refiner), `extra_inputs(sample_id, size)`
+per image (keyword inputs of `make`, e.g. the fusion maker's foreground map) and `finish()` at the end.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from weakseg.config import MaskCfg
 from weakseg.io import IGNORE_INDEX, load_cam
 from weakseg.masks.crf import CrfParams, _densecrf, background_softmax, crf_from_labels, crf_from_probabilities
 from weakseg.masks.fusion import foreground_map, fuse_agnostic_specific, fused_scores, resolve_cams_dir
+
+if TYPE_CHECKING:
+    from weakseg.masks.affinity import StoredLevels
 
 
 def threshold_labels(cams: np.ndarray, classes: np.ndarray, bg_threshold: float, ignore_low: float = -1.0,
@@ -50,7 +53,7 @@ class MaskMaker:
         if 0 <= cfg.ignore_low < cfg.ignore_high and not self.writes_ignore_band:
             raise ValueError(f"masks.method={cfg.method} writes no ignore band, but masks.ignore_low / ignore_high = "
                              f"{cfg.ignore_low} / {cfg.ignore_high} ask for one; unset them (-1) or use "
-                             f"another masks.method (only the refiner has none)")
+                             f"another masks.method (the refiner and affinity have none)")
         self.cfg = cfg
         self.bg_threshold = cfg.bg_threshold
 
@@ -65,6 +68,9 @@ class MaskMaker:
     def extra_inputs(self, sample_id: str, size: tuple[int, int]) -> dict:
         """Extra keyword inputs of `make` for one image. Default: none."""
         return {}
+
+    def finish(self) -> None:
+        """After every image of the run is written (all ranks): drop temporary files. Default: nothing."""
 
     def make(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -229,12 +235,82 @@ class FusionCrfMaker(FusionMaker):
         return self.crf.make(fused_scores(self.require_foreground(foreground), cams), classes, image)
 
 
+class AffinityMaker(MaskMaker):
+    """AffinityNet-style random walk of the CAMs (weakseg.masks.affinity): `prepare` trains the affinity head on
+    the frozen classifier's features and CAM seeds; masks = walked maps against the background threshold."""
+
+    def __init__(self, cfg: MaskCfg):
+        super().__init__(cfg)
+        self.head: Optional[torch.nn.Module] = None
+        self.backbone: Optional[torch.nn.Module] = None
+        self.stored: Optional[StoredLevels] = None
+        self.device = torch.device("cpu")
+
+    @property
+    def parallel_safe(self) -> bool:  # type: ignore[override]
+        return self.device.type == "cpu"  # forked CPU workers each run the model on one thread
+
+    def prepare(self, ctx: Any, ds: Any, cam_dir: Path) -> dict:
+        from weakseg.masks.affinity import StoredLevels, feature_paths, fit_affinity_for_run
+        from weakseg.train.classifier import load_classifier
+
+        backbone = getattr(load_classifier(ctx), "backbone", None)
+        if backbone is None or getattr(backbone, "is_vit", True) or not hasattr(backbone, "forward_pyramid"):
+            raise ValueError(f"masks.method={self.cfg.method} needs a CNN classifier backbone (forward_pyramid); "
+                             f"train_cls.backbone={getattr(ctx.cfg.train_cls, 'backbone', '?')!r} is not one")
+        self.head, metrics = fit_affinity_for_run(ctx, ds, cam_dir, backbone)
+        self.backbone, self.device = backbone.eval(), ctx.device
+        self.stored = StoredLevels(feature_paths(ctx.out), list(ds.ids))
+        return metrics
+
+    def extra_inputs(self, sample_id: str, size: tuple[int, int]) -> dict:
+        """The image's backbone levels stored while training the head (saves a second backbone pass)."""
+        return {"levels": self.stored(sample_id)} if self.stored is not None else {}
+
+    def finish(self) -> None:
+        from weakseg import dist
+
+        if self.stored is not None and dist.is_main_process():
+            self.stored.delete()
+
+    def walked(self, cams: np.ndarray, image: np.ndarray, levels: Optional[list] = None) -> np.ndarray:
+        """(K, H, W) CAMs -> (K, H, W) walked maps, global max 1."""
+        from weakseg.masks.affinity import walk_image
+
+        if self.head is None or self.backbone is None:
+            raise RuntimeError(f"{type(self).__name__}.prepare(ctx, ds, cam_dir) must run before make()")
+        cfg = self.cfg
+        return walk_image(self.backbone, self.head, image, cams, cfg.affinity_image_size, cfg.affinity_radius,
+                          cfg.affinity_beta, cfg.affinity_iterations, self.device, levels)
+
+    def make(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray,
+             levels: Optional[list] = None) -> np.ndarray:
+        return threshold_labels(self.walked(cams, image, levels), classes, self.bg_threshold)
+
+
+class AffinityCrfMaker(AffinityMaker):
+    """The random walk, then the `crf` maker on the walked maps (its unary, kernels and two-pass ignore band)."""
+
+    writes_ignore_band = True
+
+    def __init__(self, cfg: MaskCfg):
+        super().__init__(cfg)
+        self.crf = CrfMaker(cfg)
+
+    def make(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray,
+             levels: Optional[list] = None) -> np.ndarray:
+        self.crf.bg_threshold = self.bg_threshold
+        return self.crf.make(self.walked(cams, image, levels), classes, image)
+
+
 MAKERS: dict[str, Callable[[MaskCfg], MaskMaker]] = {
     "threshold": ThresholdMaker,
     "crf": CrfMaker,
     "refiner": RefinerMaker,
     "fusion": FusionMaker,
     "fusion_crf": FusionCrfMaker,
+    "affinity": AffinityMaker,
+    "affinity_crf": AffinityCrfMaker,
 }
 
 

@@ -12,16 +12,16 @@ Differences from weaktr-refinery, on purpose:
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from weakseg.train.loop import train_keep_best
 from weakseg.train.losses import window_means
 
 DECODER_WIDTHS = {"small": (64, 32, 16), "medium": (128, 64, 32), "large": (256, 128, 64)}
@@ -146,10 +146,8 @@ def train_refiner(decoder: RefinerDecoder, train_set: torch.utils.data.Dataset, 
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
                                          drop_last=len(train_set) > batch_size)
-    best_state, best_score, best_epoch, history = None, math.inf, 0, []
-    t0 = time.time()
-    for epoch in range(1, epochs + 1):
-        decoder.train()
+
+    def train_epoch() -> float:
         running, count = 0.0, 0
         for feats, channels, target in loader:
             feats, channels, target = feats.to(device), channels.to(device), target.to(device)
@@ -162,21 +160,11 @@ def train_refiner(decoder: RefinerDecoder, train_set: torch.utils.data.Dataset, 
             optimizer.step()
             running += float(loss.detach()) * feats.shape[0]
             count += feats.shape[0]
-        record = {"refiner_epoch": epoch, "refiner_train_loss": running / max(count, 1)}
-        score = record["refiner_train_loss"]
-        if val_set is not None and len(val_set):
-            record["refiner_val_weighted_bce"] = score = evaluate_refiner(decoder, val_set, batch_size, device)
-        history.append(record)
-        if log is not None:
-            log(record)
-        if score < best_score:
-            best_score, best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in decoder.state_dict().items()}
-    if best_state is not None:
-        decoder.load_state_dict(best_state)
-    decoder.eval()
-    return {"best_epoch": best_epoch, "best_score": best_score, "history": history,
-            "seconds": round(time.time() - t0, 1)}
+        return running / max(count, 1)
+
+    validate = (lambda: evaluate_refiner(decoder, val_set, batch_size, device)) \
+        if val_set is not None and len(val_set) else None
+    return train_keep_best(decoder, epochs, train_epoch, "refiner", validate, "refiner_val_weighted_bce", log)
 
 
 @torch.no_grad()
@@ -229,6 +217,37 @@ class _ResizedImages(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
+def extract_feature_maps(forward: Callable[[torch.Tensor], Sequence[torch.Tensor]], ds, size: int,
+                         paths: Sequence[Path], batch_size: int = 16, device: torch.device | str = "cpu",
+                         num_workers: int = 0) -> list[np.ndarray]:
+    """`forward` ((B, 3, S, S) in [0, 1] -> maps [(B, D_i, h_i, w_i)]) of every image resized to (size, size)
+    -> one (N, D_i, h_i, w_i) float16 memmap per map, at `paths`."""
+    from tqdm import tqdm
+
+    from weakseg import dist
+
+    loader = torch.utils.data.DataLoader(_ResizedImages(ds, size), batch_size=batch_size, num_workers=num_workers)
+    out: list[np.ndarray] = []
+    start = 0
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    for x in tqdm(loader, desc="features", disable=not dist.is_main_process(), dynamic_ncols=True):
+        maps = [m.float().cpu().numpy() for m in forward(x.to(device))]
+        if len(maps) != len(paths):
+            raise ValueError(f"feature extraction gave {len(maps)} maps for {len(paths)} files")
+        if not out:
+            out = [np.lib.format.open_memmap(p, mode="w+", dtype=np.float16, shape=(len(ds), *m.shape[1:]))
+                   for p, m in zip(paths, maps)]
+        for store, m in zip(out, maps):
+            store[start:start + len(m)] = m
+        start += len(maps[0])
+    if not out:
+        raise ValueError("no images to extract features from")
+    for store in out:
+        store.flush()
+    return out
+
+
 def extract_features(backbone: nn.Module, ds, size: int, path: Path, batch_size: int = 16,
                      device: torch.device | str = "cpu", num_workers: int = 0) -> np.ndarray:
     """Frozen `backbone.forward_features` of every image resized to (size, size) -> (N, D, h, w) float16 memmap.
@@ -239,20 +258,8 @@ def extract_features(backbone: nn.Module, ds, size: int, path: Path, batch_size:
 
     normalize = normalizer(backbone.mean, backbone.std)
     backbone.eval()
-    loader = torch.utils.data.DataLoader(_ResizedImages(ds, size), batch_size=batch_size, num_workers=num_workers)
-    out = None
-    start = 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for x in loader:
-        feats = backbone.forward_features(normalize(x.to(device))).float().cpu().numpy()
-        if out is None:
-            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(ds), *feats.shape[1:]))
-        out[start:start + len(feats)] = feats
-        start += len(feats)
-    if out is None:
-        raise ValueError("no images to extract refiner features from")
-    out.flush()
-    return out
+    return extract_feature_maps(lambda x: [backbone.forward_features(normalize(x))], ds, size, [path], batch_size,
+                                device, num_workers)[0]
 
 
 def cam_targets(cam_dir: Path, ids: list[str], size: int) -> tuple[list[tuple[int, int]], Callable]:

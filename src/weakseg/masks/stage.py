@@ -122,6 +122,7 @@ def run(ctx: StageContext) -> dict:
     fg_fraction = make_masks(job, todo, workers)
     seconds = time.time() - t0
     require_all_written(out_dir, ds.ids, ".png", "masks")
+    maker.finish()
     return {
         "method": cfg.masks.method,
         "bg_threshold": maker.bg_threshold if maker.needs_threshold else None,

@@ -8,7 +8,8 @@ ViT backbones (timm ViTs and the hybrid CNN-stem ViT of `weakseg.models.hybrid`)
     attention_maps(x)                   one (B, heads, T, T) softmax attention per block, T = prefix + h*w
     forward_with_attention(x)           ViTPass(features, pre-norm tokens, attentions) from ONE forward pass
     embed_patches(x), class_token_init(), pre_blocks(t), blocks, depth, num_heads   (for extra-token models)
-CNN backbones additionally expose `forward_levels(x, n)` (final features + the last n stages concatenated).
+CNN backbones additionally expose `forward_levels(x, n)` (final features + the last n stages concatenated) and
+`forward_pyramid(x, n)` (the last n stages, each at its own stride).
 """
 
 from __future__ import annotations
@@ -266,13 +267,20 @@ class Backbone(nn.Module):
 
         E.g. ResNet-50 at output stride 16, n = 2: concat(layer3, layer4) = 3072 channels (as in C2AM).
         """
-        if self.is_vit:
-            raise TypeError(f"backbone {self.name!r}: forward_levels is for CNN backbones")
-        final, stages = self.model.forward_intermediates(x, indices=n)
+        final, stages = self._intermediates(x, n, "forward_levels")
         size = stages[-1].shape[-2:]
         stages = [s if s.shape[-2:] == size else F.interpolate(s, size=size, mode="bilinear", align_corners=False)
                   for s in stages]
         return final, torch.cat(stages, dim=1)
+
+    def forward_pyramid(self, x: torch.Tensor, n: int) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> the last n stage outputs at their own strides, finest first [(B, D_i, h_i, w_i)]."""
+        return self._intermediates(x, n, "forward_pyramid")[1]
+
+    def _intermediates(self, x: torch.Tensor, n: int, what: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.is_vit:
+            raise TypeError(f"backbone {self.name!r}: {what} is for CNN backbones")
+        return self.model.forward_intermediates(x, indices=n)
 
 
 def build_backbone(name: str, pretrained: bool, checkpoint: str = "", output_stride: int = 16,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -212,3 +213,33 @@ def fit(
                                                      for k, v in record.items()))
         checkpoint(epoch + 1, 0)
     return FitResult(best_epoch=best["epoch"], best_score=best["score"], history=history)
+
+
+def train_keep_best(model: nn.Module, epochs: int, train_epoch: Callable[[], float], prefix: str,
+                    validate: Optional[Callable[[], float]] = None, val_key: str = "",
+                    log: Optional[Callable[[dict], None]] = None) -> dict:
+    """Call `train_epoch() -> mean train loss` `epochs` times (model in train mode) and keep the weights of the
+    epoch with the lowest score: `validate()` (recorded as `val_key`) when given, else the train loss.
+
+    Each epoch's record {prefix_epoch, prefix_train_loss[, val_key]} goes to `log`. -> {best_epoch, best_score,
+    history, seconds}; the model is left in eval mode with the best weights.
+    """
+    best_state, best_score, best_epoch, history = None, math.inf, 0, []
+    t0 = time.time()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        record = {f"{prefix}_epoch": epoch, f"{prefix}_train_loss": train_epoch()}
+        score = record[f"{prefix}_train_loss"]
+        if validate is not None:
+            record[val_key] = score = validate()
+        history.append(record)
+        if log is not None:
+            log(record)
+        if score < best_score:
+            best_score, best_epoch = score, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return {"best_epoch": best_epoch, "best_score": best_score, "history": history,
+            "seconds": round(time.time() - t0, 1)}
