@@ -5,12 +5,14 @@ overrides (train_seg.infer_size / infer_scales / infer_flip / infer_window), pre
 have pixel GT and scores them exactly as the evaluate stage does (dataset-pooled, 255 ignored). With `--gate`,
 it also scores the same predictions with the scores of the classes an image does not contain set to zero
 before the argmax: by the true image labels (a bound) and by the run's classifier's predicted labels at the
-given probability thresholds. Nothing is written into the run directory.
+given probability thresholds. With `--crf`, also after a dense CRF on the probabilities. Nothing is written into
+the run directory.
 
     python -m bench.seg_quality --run runs/voc07-best --label flip-only
     python -m bench.seg_quality --run runs/voc07-best --label ms "train_seg.infer_scales=[0.75,1.0,1.25]"
     python -m bench.seg_quality --run runs/voc07-best --label gate --gate 0.05 0.1 0.2 0.3 0.5
     python -m bench.seg_quality --run runs/voc07-best-v2 --label prior --calibrate
+    python -m bench.seg_quality --run runs/voc07-clsinit-enc01 --label crf --crf
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from weakseg.cams.generate import CamInputs, build_generator, cam_input_size
 from weakseg.data import train_val_indices
 from weakseg.evaluate.metrics import ConfusionMatrix
 from weakseg.io import load_label_png
+from weakseg.masks.crf import crf_from_probabilities
+from weakseg.masks.makers import CrfMaker
 from weakseg.train.calibration import prior_match
 from weakseg.train.classifier import load_classifier
 from weakseg.train.segmentation import load_seg_model, predictor_for
@@ -45,7 +49,10 @@ def main() -> None:
                                              help="also score class gating at these classifier probabilities")),
                         calibrate=("--calibrate", dict(action="store_true",
                                                        help="also score the prior-match calibration, fitted on the "
-                                                            "run's held-out images' pseudo-masks")))
+                                                            "run's held-out images' pseudo-masks")),
+                        crf=("--crf", dict(action="store_true",
+                                           help="also score the dense CRF on the model's probabilities (the run's "
+                                                "masks.crf_* kernels, every class)")))
     run_dir = Path(args.run)
     ctx = run_context(run_dir, "train-seg", "evaluate", args.overrides)
     cls_ds, ds, masked = masked_training_images(ctx.cfg)
@@ -65,6 +72,10 @@ def main() -> None:
         generator = build_generator(ctx, load_classifier(ctx))
         inputs = CamInputs(cls_ds, masked, cam_input_size(ctx))
         rows += ["gated by the true image labels (bound)"] + [f"gated by predicted labels, p > {t}" for t in args.gate]
+    crf_row = "dense CRF on the probabilities"
+    if args.crf:
+        rows.append(crf_row)
+        crf_params = CrfMaker(ctx.cfg.masks).params
     cms = {r: ConfusionMatrix(ds.num_classes, ds.class_names) for r in rows}
     model_seconds = 0.0
     for k, i in enumerate(tqdm(masked, desc=f"seg {args.label}", dynamic_ncols=True)):
@@ -79,10 +90,12 @@ def main() -> None:
             x, labels = inputs[k][0][None].to(ctx.device), inputs[k][1].numpy()
             with torch.inference_mode():
                 predicted = torch.sigmoid(generator(x)[0][0]).cpu().numpy()
-            gate_rows = rows[2:] if calibration is not None else rows[1:]
+            gate_rows = [r for r in rows if r.startswith("gated")]
             cms[gate_rows[0]].update(gt, gated_labels(probs, labels > 0.5))
             for t, row in zip(args.gate, gate_rows[1:]):
                 cms[row].update(gt, gated_labels(probs, predicted > t))
+        if args.crf:
+            cms[crf_row].update(gt, crf_from_probabilities(image, probs.numpy(), crf_params).argmax(0).astype(np.uint8))
     sc = ctx.cfg.train_seg
     write_result(f"seg_quality-{args.label}", {
         "run": str(run_dir), "overrides": args.overrides, "images": len(masked),

@@ -116,3 +116,28 @@ def test_channels_last_converts_conv_weights_and_images_only_and_keeps_values():
     torch.testing.assert_close(model.conv(y), before)
     labels = torch.zeros(2, 5, 7, dtype=torch.long)
     assert dist.channels_last(labels) is labels and dist.channels_last("text") == "text"
+
+
+class BlurryEdgeModel(PixelwiseModel):
+    """Two classes whose logits cross 6 pixels left of the image's colour edge (column 24), softly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1]
+        ramp = (torch.arange(w, dtype=torch.float32) - 18.0) / 4.0  # class 1 wins from column 18 on
+        logits = torch.stack([-ramp, ramp])[None, :, None, :]
+        return logits.expand(x.shape[0], 2, x.shape[2], w)
+
+
+def test_inference_crf_snaps_the_labels_to_the_colour_edge():
+    pytest.importorskip("pydensecrf.densecrf")
+    picture = np.zeros((40, 40, 3), np.uint8)
+    picture[:, :24] = (200, 40, 40)
+    picture[:, 24:] = (40, 160, 60)
+    plain = SegPredictor(BlurryEdgeModel(), infer_size=40).labels(picture)
+    assert (plain[:, 19:24] == 1).all()  # the model alone puts the boundary at column 18
+    sc = load_config(None, ["train_seg.infer_crf=true", "train_seg.crop_size=40"]).train_seg
+    snapped = SegPredictor.from_config(BlurryEdgeModel(), sc)
+    assert snapped.crf is not None and snapped.crf.bilateral_sxy == 67.0
+    labels = snapped.labels(picture)
+    assert (labels[:, :24] == 0).mean() > 0.95 and (labels[:, 24:] == 1).all()
+    assert SegPredictor.from_config(BlurryEdgeModel(), load_config(None).train_seg).crf is None

@@ -301,6 +301,7 @@ def test_late_keys_leave_existing_fingerprints_alone_until_set():
                          ("train_seg", "infer_window_overlap"), ("train_seg", "encoder_from_classifier"),
                          ("train_seg", "calibration"),
                          *(("masks", key) for key in full["masks"] if key.startswith("affinity_")),
+                         *(("train_seg", key) for key in full["train_seg"] if key.startswith("infer_crf")),
                          ("masks", "num_workers"),
                          ("train_cls", "num_workers"), ("train_seg", "num_workers")):
         full[section].pop(key)
@@ -312,6 +313,17 @@ def test_late_keys_leave_existing_fingerprints_alone_until_set():
     changed = load_config(None, ["train_cls.init_from=other-run"])
     assert stage_fingerprint(changed, "train-cls") != stage_fingerprint(cfg, "train-cls")
     assert stage_fingerprint(changed, "cams") == stage_fingerprint(cfg, "cams")
+
+
+def test_inference_only_keys_rescore_a_run_without_retraining_it():
+    cfg = load_config(None)
+    crf = load_config(None, ["train_seg.infer_crf=true"])
+    assert stage_fingerprint(crf, "train-seg") == stage_fingerprint(cfg, "train-seg")
+    assert stage_fingerprint(crf, "evaluate") != stage_fingerprint(cfg, "evaluate")
+    kernel = load_config(None, ["train_seg.infer_crf=true", "train_seg.infer_crf_bilateral_compat=5"])
+    assert stage_fingerprint(kernel, "evaluate") != stage_fingerprint(crf, "evaluate")
+    assert stage_fingerprint(load_config(None, ["train_seg.infer_flip=true"]), "train-seg") != \
+        stage_fingerprint(cfg, "train-seg")  # the older inference keys stay train-seg's, as runs recorded them
 
 
 def test_train_cls_is_redone_when_the_init_from_model_changes(tmp_path):

@@ -30,6 +30,10 @@ SPEED_ONLY = {"speed_only": True}
 # Speed-only keys that fingerprints hashed before they were marked so: `to_dict(cfg, legacy=True)` keeps them,
 # and a stage recorded with that older fingerprint stays up to date (see `runs.accepted_fingerprints`).
 SPEED_ONLY_ONCE_HASHED = {"speed_only": True, "once_hashed": True}
+# Keys that change only how a trained model predicts (inference post-processing), added after runs existed:
+# LATE for every stage, and left out of train-seg's fingerprint altogether (`runs.stage_fingerprint` hashes
+# them under evaluate instead), so setting one re-scores a run without retraining it.
+INFERENCE_ONLY = {"late": True, "inference_only": True}
 
 
 @dataclass
@@ -201,6 +205,15 @@ class SegTrainCfg:
     # window neighbouring windows share
     infer_window: int = field(default=0, metadata=LATE)
     infer_window_overlap: float = field(default=0.33, metadata=LATE)
+    # dense CRF on the predicted probabilities over every class (evaluate and predict; not in the ONNX export);
+    # defaults: DeepLab's kernels (positional sxy 1 / compat 3, bilateral sxy 67 / srgb 3 / compat 4)
+    infer_crf: bool = field(default=False, metadata=INFERENCE_ONLY)
+    infer_crf_iterations: int = field(default=10, metadata=INFERENCE_ONLY)
+    infer_crf_gaussian_sxy: float = field(default=1.0, metadata=INFERENCE_ONLY)
+    infer_crf_gaussian_compat: float = field(default=3.0, metadata=INFERENCE_ONLY)
+    infer_crf_bilateral_sxy: float = field(default=67.0, metadata=INFERENCE_ONLY)
+    infer_crf_bilateral_srgb: float = field(default=3.0, metadata=INFERENCE_ONLY)
+    infer_crf_bilateral_compat: float = field(default=4.0, metadata=INFERENCE_ONLY)
 
 
 @dataclass
@@ -404,6 +417,12 @@ def to_dict(cfg: Any, legacy: bool = False) -> dict[str, Any]:
         else:
             out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else _copy(value)
     return out
+
+
+def inference_only_keys(cfg: Any) -> dict[str, set[str]]:
+    """Section name -> its INFERENCE_ONLY keys."""
+    return {f.name: {g.name for g in dataclasses.fields(getattr(cfg, f.name)) if g.metadata.get("inference_only")}
+            for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
 
 
 def _default_of(f: dataclasses.Field) -> Any:

@@ -7,7 +7,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from weakseg import dist
-from weakseg.config import load_config
+from weakseg.config import inference_only_keys, load_config
 from weakseg.data.imageio import list_images, read_image
 from weakseg.io import read_json, save_label_png
 from weakseg.models.inference import SegPredictor
@@ -18,11 +18,16 @@ from weakseg.train.loop import load_checkpoint
 
 
 def load_predictor(run_dir: str | Path, device: str = "auto") -> tuple[SegPredictor, list[str]]:
-    """Rebuild the trained segmentation model of `run_dir` (config and weights from its train-seg stage)."""
+    """Rebuild the trained segmentation model of `run_dir` (weights from its train-seg stage)."""
     seg_dir = Path(run_dir) / "train-seg"
     if not (seg_dir / "done.json").exists():
         raise FileNotFoundError(f"{seg_dir}: no completed train-seg stage in this run directory")
     cfg = load_config(seg_dir / "config.yaml")
+    evaluated = Path(run_dir) / "evaluate"
+    if (evaluated / "done.json").exists():  # inference-only keys (e.g. the CRF) may be set after training, without
+        scored = load_config(evaluated / "config.yaml")  # retraining: predict as the run was last scored
+        for key in inference_only_keys(cfg)["train_seg"]:
+            setattr(cfg.train_seg, key, getattr(scored.train_seg, key))
     class_names = read_json(seg_dir / "classes.json")["class_names"]
     model = build_seg_model(cfg.train_seg.model, len(class_names), pretrained=False)
     model.load_state_dict(load_checkpoint(seg_dir / "model.pt")["model"])

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 
 from weakseg import dist
-from weakseg.config import PipelineCfg, dump_yaml, to_dict
+from weakseg.config import PipelineCfg, dump_yaml, inference_only_keys, to_dict
 from weakseg.io import append_jsonl, read_json, write_json, write_text
 
 STAGES = ["train-cls", "cams", "masks", "train-seg", "evaluate"]
@@ -121,6 +121,10 @@ def stage_fingerprint(cfg: PipelineCfg, stage: str, legacy: bool = False) -> str
     computed before some speed-only keys left the hash; see `accepted_fingerprints`)."""
     tree = to_dict(cfg, legacy)
     own = {k: tree[k] for k in STAGE_SECTIONS[stage]}
+    inference_only = {section: {k: tree[section].pop(k) for k in keys if k in tree[section]}
+                      for section, keys in inference_only_keys(cfg).items()}
+    if stage == "evaluate" and any(inference_only.values()):  # how the model predicts: scored, not trained
+        own["inference_only"] = {section: keys for section, keys in inference_only.items() if keys}
     upstream = {}
     for up in UPSTREAM[stage]:
         upstream[up] = (read_marker(cfg.run_dir / up / "done.json") or {}).get("checksum")

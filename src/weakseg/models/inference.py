@@ -3,7 +3,7 @@ back to the input size."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from weakseg import dist
 from weakseg.data.torch_datasets import resize_image, to_float_tensor
+from weakseg.masks.crf import CrfParams, _densecrf, crf_from_probabilities
 from weakseg.models.backbones import normalizer
 from weakseg.models.segmentation import SegModel
 
@@ -19,11 +20,13 @@ class SegPredictor:
     """Wraps a trained `SegModel`: image (H, W, 3) uint8 -> class probabilities (C, H, W) / labels (H, W).
 
     `class_weights` (C,): labels are argmax_c w_c * p_c (a label-free calibration, weakseg.train.calibration).
+    `crf`: labels come from a dense CRF over every class on the original image, unary -log p (DeepLab-style).
     """
 
     def __init__(self, model: SegModel, infer_size: int, scales: list[float] | None = None, flip: bool = False,
                  device: torch.device | str = "cpu", window: int = 0, window_overlap: float = 1 / 3,
-                 precision: str = "fp32", class_weights: Sequence[float] | None = None):
+                 precision: str = "fp32", class_weights: Sequence[float] | None = None,
+                 crf: Optional[CrfParams] = None):
         if window < 0 or not 0 <= window_overlap < 1:
             raise ValueError(f"sliding window needs window >= 0 and 0 <= overlap < 1, got {window}, {window_overlap}")
         self.model = dist.channels_last(model.to(device).eval())
@@ -34,13 +37,19 @@ class SegPredictor:
         self.normalize = normalizer(model.mean, model.std)
         self.divisor = getattr(model, "size_divisor", 32)
         self.class_weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
+        self.crf = crf
+        if crf is not None:
+            _densecrf()  # fail now, with the install command, rather than at the first image
 
     @classmethod
     def from_config(cls, model: SegModel, sc, device: torch.device | str = "cpu", precision: str = "fp32",
                     class_weights: Sequence[float] | None = None) -> "SegPredictor":
-        """From a `SegTrainCfg` (infer_size, infer_scales, infer_flip, infer_window, infer_window_overlap)."""
+        """From a `SegTrainCfg` (infer_size, infer_scales, infer_flip, infer_window(_overlap), infer_crf*)."""
+        crf = CrfParams(sc.infer_crf_iterations, sc.infer_crf_gaussian_sxy, sc.infer_crf_gaussian_compat,
+                        sc.infer_crf_bilateral_sxy, sc.infer_crf_bilateral_srgb, sc.infer_crf_bilateral_compat) \
+            if sc.infer_crf else None
         return cls(model, sc.infer_size or sc.crop_size, sc.infer_scales, sc.infer_flip, device,
-                   sc.infer_window, sc.infer_window_overlap, precision, class_weights)
+                   sc.infer_window, sc.infer_window_overlap, precision, class_weights, crf)
 
     def _size(self, h: int, w: int, scale: float) -> tuple[int, int]:
         f = self.infer_size * scale / max(h, w)
@@ -89,12 +98,15 @@ class SegPredictor:
         return (total / count)[:, :, :h, :w]
 
     def labels(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 -> (H, W) uint8 class ids."""
+        """(H, W, 3) uint8 -> (H, W) uint8 class ids (after the dense CRF on the original image when `crf`)."""
         probs = self.probabilities(image)
         if self.class_weights is not None:
             if len(self.class_weights) != probs.shape[0]:
                 raise ValueError(f"{len(self.class_weights)} class weights for a {probs.shape[0]}-class model")
             probs = probs * self.class_weights.to(probs.device)[:, None, None]
+            probs = probs / probs.sum(0, keepdim=True)
+        if self.crf is not None:
+            probs = torch.from_numpy(crf_from_probabilities(image, probs.cpu().numpy(), self.crf))
         return probs.argmax(0).to(torch.uint8).cpu().numpy()
 
 
