@@ -93,6 +93,20 @@ def test_prior_match_calibration_is_fitted_by_train_seg_and_used_by_evaluate_and
     assert _statuses(run_pipeline(changed))["train-seg"] == "ran"
 
 
+def test_inference_crf_rescores_a_trained_run_and_predict_uses_it(tiny_cfg, tiny_overrides):
+    pytest.importorskip("pydensecrf.densecrf")
+    from weakseg.predict import load_predictor
+
+    run_pipeline(tiny_cfg)
+    assert load_predictor(tiny_cfg.run_dir, "cpu")[0].crf is None
+    changed = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + ["train_seg.infer_crf=true"])
+    st = _statuses(run_pipeline(changed))
+    assert st == {"train-cls": "skipped", "cams": "skipped", "masks": "skipped", "train-seg": "skipped",
+                  "evaluate": "ran"}
+    predictor, _ = load_predictor(changed.run_dir, "cpu")  # train-seg's config predates the key: evaluate's has it
+    assert predictor.crf is not None and predictor.crf.bilateral_compat == 4.0
+
+
 def test_mask_eval_split_restricts_cam_and_mask_scoring_to_its_images(tiny_cfg, tiny_overrides):
     import torch
 
