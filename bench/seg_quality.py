@@ -5,8 +5,8 @@ overrides (train_seg.infer_size / infer_scales / infer_flip / infer_window), pre
 have pixel GT and scores them exactly as the evaluate stage does (dataset-pooled, 255 ignored). With `--gate`,
 it also scores the same predictions with the scores of the classes an image does not contain set to zero
 before the argmax: by the true image labels (a bound) and by the run's classifier's predicted labels at the
-given probability thresholds. With `--crf`, also after a dense CRF on the probabilities. Nothing is written into
-the run directory.
+given probability thresholds. With `--crf`, also after the inference CRF (train_seg.infer_crf_* kernels) on the
+probabilities. Nothing is written into the run directory.
 
     python -m bench.seg_quality --run runs/voc07-best --label flip-only
     python -m bench.seg_quality --run runs/voc07-best --label ms "train_seg.infer_scales=[0.75,1.0,1.25]"
@@ -30,7 +30,7 @@ from weakseg.data import train_val_indices
 from weakseg.evaluate.metrics import ConfusionMatrix
 from weakseg.io import load_label_png
 from weakseg.masks.crf import crf_from_probabilities
-from weakseg.masks.makers import CrfMaker
+from weakseg.models.inference import inference_crf_params
 from weakseg.train.calibration import prior_match
 from weakseg.train.classifier import load_classifier
 from weakseg.train.segmentation import load_seg_model, predictor_for
@@ -51,8 +51,8 @@ def main() -> None:
                                                        help="also score the prior-match calibration, fitted on the "
                                                             "run's held-out images' pseudo-masks")),
                         crf=("--crf", dict(action="store_true",
-                                           help="also score the dense CRF on the model's probabilities (the run's "
-                                                "masks.crf_* kernels, every class)")))
+                                           help="also score the inference CRF on the model's probabilities "
+                                                "(train_seg.infer_crf_* kernels, every class)")))
     run_dir = Path(args.run)
     ctx = run_context(run_dir, "train-seg", "evaluate", args.overrides)
     cls_ds, ds, masked = masked_training_images(ctx.cfg)
@@ -75,7 +75,7 @@ def main() -> None:
     crf_row = "dense CRF on the probabilities"
     if args.crf:
         rows.append(crf_row)
-        crf_params = CrfMaker(ctx.cfg.masks).params
+        crf_params = inference_crf_params(ctx.cfg.train_seg)
     cms = {r: ConfusionMatrix(ds.num_classes, ds.class_names) for r in rows}
     model_seconds = 0.0
     for k, i in enumerate(tqdm(masked, desc=f"seg {args.label}", dynamic_ncols=True)):

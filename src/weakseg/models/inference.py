@@ -45,9 +45,7 @@ class SegPredictor:
     def from_config(cls, model: SegModel, sc, device: torch.device | str = "cpu", precision: str = "fp32",
                     class_weights: Sequence[float] | None = None) -> "SegPredictor":
         """From a `SegTrainCfg` (infer_size, infer_scales, infer_flip, infer_window(_overlap), infer_crf*)."""
-        crf = CrfParams(sc.infer_crf_iterations, sc.infer_crf_gaussian_sxy, sc.infer_crf_gaussian_compat,
-                        sc.infer_crf_bilateral_sxy, sc.infer_crf_bilateral_srgb, sc.infer_crf_bilateral_compat) \
-            if sc.infer_crf else None
+        crf = inference_crf_params(sc) if sc.infer_crf else None
         return cls(model, sc.infer_size or sc.crop_size, sc.infer_scales, sc.infer_flip, device,
                    sc.infer_window, sc.infer_window_overlap, precision, class_weights, crf)
 
@@ -108,6 +106,12 @@ class SegPredictor:
         if self.crf is not None:
             probs = torch.from_numpy(crf_from_probabilities(image, probs.cpu().numpy(), self.crf))
         return probs.argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def inference_crf_params(sc) -> CrfParams:
+    """The kernels of the inference CRF of a `SegTrainCfg` (train_seg.infer_crf_*)."""
+    return CrfParams(sc.infer_crf_iterations, sc.infer_crf_gaussian_sxy, sc.infer_crf_gaussian_compat,
+                     sc.infer_crf_bilateral_sxy, sc.infer_crf_bilateral_srgb, sc.infer_crf_bilateral_compat)
 
 
 def _window_starts(length: int, window: int, stride: int) -> list[int]:
