@@ -102,10 +102,9 @@ def main() -> None:
         "infer_size": sc.infer_size, "infer_scales": sc.infer_scales, "infer_flip": sc.infer_flip,
         "infer_window": sc.infer_window,
         "mIoU": {r: round(100 * cm.compute()["mIoU"], 2) for r, cm in cms.items()},
-        "per_class_IoU": {k: round(100 * v["IoU"], 1) for k, v in cms[rows[0]].compute()["per_class"].items()},
-        **({"per_class_IoU_calibrated": {k: round(100 * v["IoU"], 1)
-                                         for k, v in cms[rows[1]].compute()["per_class"].items()},
-            "calibration": calibration} if calibration is not None else {}),
+        "per_class_IoU": {r: {k: round(100 * v["IoU"], 1) for k, v in cm.compute()["per_class"].items()}
+                          for r, cm in cms.items()},
+        **({"calibration": calibration} if calibration is not None else {}),
         "model_seconds": round(model_seconds, 2),
         "images_per_second": round(len(masked) / model_seconds, 2),
     })

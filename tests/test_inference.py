@@ -141,3 +141,18 @@ def test_inference_crf_snaps_the_labels_to_the_colour_edge():
     labels = snapped.labels(picture)
     assert (labels[:, :24] == 0).mean() > 0.95 and (labels[:, 24:] == 1).all()
     assert SegPredictor.from_config(BlurryEdgeModel(), load_config(None).train_seg).crf is None
+
+
+def test_the_class_gate_removes_absent_classes_and_renormalises():
+    predictor = SegPredictor(PixelwiseModel(classes=4), infer_size=24)
+    picture = image(20, 24)
+    plain = predictor.probabilities(picture)
+    gated = predictor.final_probabilities(picture, np.array([True, False, True, False]))
+    assert (gated[[1, 3]] == 0).all()
+    torch.testing.assert_close(gated.sum(0), torch.ones(20, 24))
+    expected = plain[[0, 2]] / plain[[0, 2]].sum(0, keepdim=True)  # the kept classes keep their odds
+    torch.testing.assert_close(gated[[0, 2]], expected)
+    assert set(np.unique(gated.argmax(0).numpy())) <= {0, 2}
+    torch.testing.assert_close(predictor.final_probabilities(picture), plain)
+    with pytest.raises(ValueError, match="gate of 3 classes"):
+        predictor.final_probabilities(picture, np.array([True, True, False]))

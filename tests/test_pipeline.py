@@ -107,6 +107,52 @@ def test_inference_crf_rescores_a_trained_run_and_predict_uses_it(tiny_cfg, tiny
     assert predictor.crf is not None and predictor.crf.bilateral_compat == 4.0
 
 
+def test_self_training_relabels_with_the_models_own_gated_predictions_and_resumes(tiny_cfg, tiny_overrides):
+    import torch
+
+    from weakseg.data import seg_dataset
+    from weakseg.io import load_label_png
+    from weakseg.models.inference import SegPredictor
+    from weakseg.models.segmentation import build_seg_model
+    from weakseg.train.loop import load_checkpoint
+
+    run_pipeline(tiny_cfg)
+    changed = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + [
+        "train_seg.self_training_rounds=1", "train_seg.self_training_confidence=0.5"])
+    st = _statuses(run_pipeline(changed))
+    assert st == {"train-cls": "skipped", "cams": "skipped", "masks": "skipped", "train-seg": "ran", "evaluate": "ran"}
+    seg_dir = changed.run_dir / "train-seg"
+    metrics = json.loads((seg_dir / "metrics.json").read_text())
+    rounds = metrics["self_training"]
+    assert [r["round"] for r in rounds] == [0, 1] and "round 1's relabelled masks" in metrics["selection"]
+    folder = seg_dir / "self_training" / "round1_masks"
+    ds = seg_dataset(changed.data, changed.data.train_split)
+    pngs = {p.stem: load_label_png(p) for p in folder.glob("*.png")}
+    assert sorted(pngs) == sorted(ds.ids)  # every training and held-out image, none from pixel GT
+    ignored = sum(int((m == 255).sum()) for m in pngs.values()) / sum(m.size for m in pngs.values())
+    assert rounds[0]["relabel"]["images"] == 24 and rounds[0]["relabel"]["ignored_fraction"] == pytest.approx(ignored)
+    assert 0 < ignored < 1
+    model = build_seg_model(changed.train_seg.model, ds.num_classes, pretrained=False)
+    model.load_state_dict(load_checkpoint(seg_dir / "self_training" / "round0" / "model.pt")["model"])
+    predictor = SegPredictor.from_config(model.eval(), changed.train_seg)
+    for i in range(len(ds)):
+        present = np.concatenate([[True], ds.labels(i) > 0.5])
+        assert set(np.unique(pngs[ds.ids[i]])) - {255} <= set(np.flatnonzero(present))
+    confidence, labels = predictor.final_probabilities(ds.image(0), np.concatenate([[True], ds.labels(0) > 0.5])).max(0)
+    expected = np.where(confidence.numpy() < 0.5, 255, labels.numpy()).astype(np.uint8)
+    np.testing.assert_array_equal(pngs[ds.ids[0]], expected)
+    final = load_checkpoint(seg_dir / "model.pt")["model"]
+    assert any(not torch.equal(final[k], v) for k, v in model.state_dict().items())
+
+    # killed as the last round began: the earlier round and its labels are kept, only the last round is redone
+    kept = {p: p.stat().st_mtime_ns for p in [seg_dir / "self_training" / "round0" / "model.pt", *folder.glob("*.png")]}
+    for product in ("done.json", "model.pt", "checkpoints/last.pt"):
+        (seg_dir / product).unlink()
+    assert _statuses(run_pipeline(changed))["train-seg"] == "ran"
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert json.loads((seg_dir / "metrics.json").read_text())["self_training"] == rounds
+
+
 def test_mask_eval_split_restricts_cam_and_mask_scoring_to_its_images(tiny_cfg, tiny_overrides):
     import torch
 

@@ -299,7 +299,8 @@ def test_late_keys_leave_existing_fingerprints_alone_until_set():
     for section, key in (("train_cls", "ccam_backbone"), ("train_cls", "init_from"),
                          ("train_cls", "weaktr_token_init"), ("train_seg", "infer_window"),
                          ("train_seg", "infer_window_overlap"), ("train_seg", "encoder_from_classifier"),
-                         ("train_seg", "calibration"),
+                         ("train_seg", "calibration"), ("train_seg", "self_training_rounds"),
+                         ("train_seg", "self_training_confidence"),
                          *(("masks", key) for key in full["masks"] if key.startswith("affinity_")),
                          *(("train_seg", key) for key in full["train_seg"] if key.startswith("infer_crf")),
                          ("masks", "num_workers"),
@@ -324,6 +325,11 @@ def test_inference_only_keys_rescore_a_run_without_retraining_it():
     assert stage_fingerprint(kernel, "evaluate") != stage_fingerprint(crf, "evaluate")
     assert stage_fingerprint(load_config(None, ["train_seg.infer_flip=true"]), "train-seg") != \
         stage_fingerprint(cfg, "train-seg")  # the older inference keys stay train-seg's, as runs recorded them
+    # self-training trains on the model's own CRF'd predictions: then the CRF keys are train-seg's too
+    selftrain = load_config(None, ["train_seg.self_training_rounds=1"])
+    assert stage_fingerprint(selftrain, "train-seg") != stage_fingerprint(cfg, "train-seg")
+    selftrain_crf = load_config(None, ["train_seg.self_training_rounds=1", "train_seg.infer_crf=true"])
+    assert stage_fingerprint(selftrain_crf, "train-seg") != stage_fingerprint(selftrain, "train-seg")
 
 
 def test_train_cls_is_redone_when_the_init_from_model_changes(tmp_path):

@@ -197,6 +197,11 @@ class SegTrainCfg:
     # none | prior_match: per-class weights on the model's probabilities fitted, without pixel labels, so that its
     # labels give each class the pseudo-masks' share of pixels on the held-out images (weakseg.train.calibration)
     calibration: str = field(default="none", metadata=LATE)
+    # self-training rounds: relabel the training images with the trained model (evaluate's inference, infer_crf
+    # included; classes absent from the image's labels removed; top probability < self_training_confidence -> 255)
+    # and train a fresh model on those labels, this many times (weakseg.train.segmentation.relabel)
+    self_training_rounds: int = field(default=0, metadata=LATE)
+    self_training_confidence: float = field(default=0.0, metadata=LATE)
     checkpoint_every: int = 0
     infer_size: int = 0  # longer image side at inference; 0 = crop_size
     infer_scales: list[float] = field(default_factory=lambda: [1.0])

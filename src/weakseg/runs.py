@@ -125,6 +125,8 @@ def stage_fingerprint(cfg: PipelineCfg, stage: str, legacy: bool = False) -> str
                       for section, keys in inference_only_keys(cfg).items()}
     if stage == "evaluate" and any(inference_only.values()):  # how the model predicts: scored, not trained
         own["inference_only"] = {section: keys for section, keys in inference_only.items() if keys}
+    if stage == "train-seg" and tree["train_seg"].get("self_training_rounds"):  # its predictions become labels
+        own["relabel_inference"] = inference_only["train_seg"]
     upstream = {}
     for up in UPSTREAM[stage]:
         upstream[up] = (read_marker(cfg.run_dir / up / "done.json") or {}).get("checksum")

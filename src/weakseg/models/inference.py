@@ -95,17 +95,28 @@ class SegPredictor:
                 count[:, :, top:top + win, left:left + win] += 1
         return (total / count)[:, :, :h, :w]
 
-    def labels(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 -> (H, W) uint8 class ids (after the dense CRF on the original image when `crf`)."""
+    def final_probabilities(self, image: np.ndarray, present: np.ndarray | None = None) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (C, H, W) probabilities after the class weights, the `present` gate ((C,) bool:
+        the classes the image may hold; the others get 0) and the dense CRF on the original image when `crf`."""
         probs = self.probabilities(image)
-        if self.class_weights is not None:
-            if len(self.class_weights) != probs.shape[0]:
-                raise ValueError(f"{len(self.class_weights)} class weights for a {probs.shape[0]}-class model")
-            probs = probs * self.class_weights.to(probs.device)[:, None, None]
-            probs = probs / probs.sum(0, keepdim=True)
+        weights = None if self.class_weights is None else self.class_weights.to(probs.device)
+        if weights is not None and len(weights) != probs.shape[0]:
+            raise ValueError(f"{len(weights)} class weights for a {probs.shape[0]}-class model")
+        if present is not None:
+            if len(present) != probs.shape[0]:
+                raise ValueError(f"a gate of {len(present)} classes for a {probs.shape[0]}-class model")
+            gate = torch.as_tensor(np.asarray(present, dtype=np.float32), device=probs.device)
+            weights = gate if weights is None else weights * gate
+        if weights is not None:
+            probs = probs * weights[:, None, None]
+            probs = probs / probs.sum(0, keepdim=True).clamp_min(1e-12)
         if self.crf is not None:
             probs = torch.from_numpy(crf_from_probabilities(image, probs.cpu().numpy(), self.crf))
-        return probs.argmax(0).to(torch.uint8).cpu().numpy()
+        return probs.cpu()
+
+    def labels(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (H, W) uint8 class ids (after the dense CRF on the original image when `crf`)."""
+        return self.final_probabilities(image).argmax(0).to(torch.uint8).numpy()
 
 
 def inference_crf_params(sc) -> CrfParams:

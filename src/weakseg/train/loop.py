@@ -106,9 +106,11 @@ def fit(
     num_workers: int = 0,
     checkpoint_every: int = 0,
     batch_fn: Optional[Callable[[int], list[list[int]]]] = None,
+    out: Optional[Path] = None,
 ) -> FitResult:
     """Train `model` for `epochs`; keep the epoch with the lowest `validate(model)[select_key]` as model.pt.
 
+    model.pt and checkpoints/ go to `out` (default: the stage folder).
     `loss_fn(model, batch)` returns the scalar loss of one batch. `validate` must not use pixel labels
     unless the user asked for it (it is given the unwrapped model). `batch_fn(epoch)` replaces the default
     `epoch_batches` (this rank's batches of dataset indices); it must be deterministic in `epoch` so that a
@@ -119,7 +121,8 @@ def fit(
             return epoch_batches(len(dataset), batch_size, seed, epoch)
 
     device = ctx.device
-    ckpt_path = ctx.out / "checkpoints" / "last.pt"
+    out = ctx.out if out is None else out
+    ckpt_path = out / "checkpoints" / "last.pt"
     iters_per_epoch = len(batch_fn(0))
     total = max(1, epochs * iters_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - min(it, total - 1) / total) ** 0.9)
@@ -202,10 +205,10 @@ def fit(
             if score < best["score"]:
                 best = {"epoch": epoch + 1, "score": score}
                 if dist.is_main_process():
-                    save_checkpoint(ctx.out / "model.pt", {"model": model.state_dict(), "epoch": epoch + 1})
+                    save_checkpoint(out / "model.pt", {"model": model.state_dict(), "epoch": epoch + 1})
         elif dist.is_main_process():
             best = {"epoch": epoch + 1, "score": float("nan")}
-            save_checkpoint(ctx.out / "model.pt", {"model": model.state_dict(), "epoch": epoch + 1})
+            save_checkpoint(out / "model.pt", {"model": model.state_dict(), "epoch": epoch + 1})
         history.append(record)
         ctx.log(record)
         if dist.is_main_process():

@@ -5,26 +5,30 @@ whose GT masks replace their pseudo-masks for the whole run; the subset ids are 
 label-free: lowest CE against the pseudo-masks of the held-out validation images.
 Fully-supervised baseline (`targets: gt`): the same model trained on the GT masks of the training images that
 have one (and selected on those of the held-out images), for the weak/full ratio.
+Self-training (`self_training_rounds`): the trained model relabels the training images (`relabel`) and a fresh
+model is trained on its labels; earlier rounds live in self_training/roundR (model) and roundR_masks (labels).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from weakseg import dist
 from weakseg.data import seg_dataset, train_val_indices
 from weakseg.data.base import WeakSegDataset
 from weakseg.data.torch_datasets import SegmentationDataset
-from weakseg.io import IGNORE_INDEX, load_label_png, write_json
+from weakseg.io import IGNORE_INDEX, load_label_png, read_json, save_label_png, write_json
 from weakseg.models.backbones import normalizer
 from weakseg.models.inference import SegPredictor
 from weakseg.models.segmentation import SegModel, build_seg_model
-from weakseg.runs import StageContext, StageError
+from weakseg.runs import StageContext, StageError, pending_shard, require_all_written
 from weakseg.train.calibration import CALIBRATION_FILE, check_calibration, load_class_weights, prior_match
 from weakseg.train.losses import build_seg_loss
 from weakseg.train.loop import fit, load_checkpoint, load_classifier_backbone
@@ -88,14 +92,60 @@ def predictor_for(ctx: StageContext, model: SegModel) -> SegPredictor:
     return SegPredictor.from_config(model, sc, ctx.device, ctx.cfg.precision, weights)
 
 
+def relabel(ctx: StageContext, ds: WeakSegDataset, model_path: Path, indices: list[int], folder: Path,
+            previous: Callable[[int], np.ndarray]) -> dict:
+    """Self-training targets: the model at `model_path` labels each image of `indices` as evaluate would
+    (infer_size / scales / flip, infer_crf), over background + the classes of the image's labels only; pixels
+    whose top probability is below `train_seg.self_training_confidence` become 255. Writes `folder`/<id>.png
+    (sharded over ranks; a killed attempt's files are kept) and `folder`.json -> {images, ignored_fraction,
+    changed_fraction (of the pixels labelled in both, against `previous(i)`), seconds}."""
+    sc = ctx.cfg.train_seg
+    marker = folder.with_suffix(".json")
+    if marker.exists():
+        return read_json(marker)
+    t0 = time.time()
+    dist.barrier()  # model.pt is written by rank 0
+    model = build_seg_model(sc.model, ds.num_classes, pretrained=False)
+    model.load_state_dict(load_checkpoint(model_path, ctx.device)["model"])
+    predictor = SegPredictor.from_config(model.to(ctx.device).eval(), sc, ctx.device, ctx.cfg.precision)
+    stems = [ds.ids[i] for i in indices]
+    for k in tqdm(pending_shard(folder, stems, ".png"), desc=f"{ctx.stage} relabel {folder.name}",
+                  disable=not dist.is_main_process(), leave=False, dynamic_ncols=True):
+        i = indices[k]
+        present = np.concatenate([[True], ds.labels(i) > 0.5])
+        confidence, labels = predictor.final_probabilities(ds.image(i), present).max(0)
+        labels = labels.to(torch.uint8).numpy()
+        labels[confidence.numpy() < sc.self_training_confidence] = IGNORE_INDEX
+        save_label_png(folder / f"{stems[k]}.png", labels)
+    require_all_written(folder, stems, ".png", f"{ctx.stage} self-training relabel")
+    if dist.is_main_process():
+        pixels = ignored = both = changed = 0
+        for i in indices:
+            new, old = load_label_png(folder / f"{ds.ids[i]}.png"), previous(i)
+            labelled = (new != IGNORE_INDEX) & (old != IGNORE_INDEX)
+            pixels, ignored = pixels + new.size, ignored + int((new == IGNORE_INDEX).sum())
+            both, changed = both + int(labelled.sum()), changed + int((labelled & (new != old)).sum())
+        write_json(marker, {"images": len(indices), "ignored_fraction": ignored / max(pixels, 1),
+                            "changed_fraction": changed / max(both, 1), "seconds": round(time.time() - t0, 1)})
+    dist.barrier()
+    return read_json(marker)
+
+
 def run(ctx: StageContext) -> dict:
     cfg, sc = ctx.cfg, ctx.cfg.train_seg
     if sc.targets not in ("pseudo", "gt"):
         raise ValueError(f"train_seg.targets must be pseudo or gt, got {sc.targets!r}")
     check_calibration(sc.calibration)
+    rounds = sc.self_training_rounds
+    if rounds < 0 or not 0 <= sc.self_training_confidence < 1:
+        raise ValueError(f"train_seg.self_training_rounds must be >= 0 and self_training_confidence in [0, 1), got "
+                         f"{rounds} and {sc.self_training_confidence}")
+    if rounds and sc.targets == "gt":
+        raise ValueError("train_seg.self_training_rounds relabels pseudo-masks; it has no meaning with targets=gt")
     ds = seg_dataset(cfg.data, cfg.data.train_split)
     train_idx, val_idx = train_val_indices(len(ds), cfg.data.val_fraction, cfg.seed)
     criterion = build_seg_loss(sc.loss, sc.start_value, sc.window_size, sc.crop_size)
+    mask_dir = None
     if sc.targets == "gt":
         if sc.gt_ratio > 0:
             raise ValueError("train_seg.gt_ratio mixes GT into pseudo-masks; it has no meaning with targets=gt")
@@ -106,50 +156,73 @@ def run(ctx: StageContext) -> dict:
         gt_ids = set(train_idx) | set(val_idx)
         val_key = "val_loss_vs_gt"
     else:
-        mask_dir: Path = ctx.upstream("masks") / "masks"
+        mask_dir = ctx.upstream("masks") / "masks"
         gt_ids = set(gt_subset(ds, train_idx, sc.gt_ratio, cfg.seed))
         val_key = "val_loss_vs_pseudo"
     write_json(ctx.out / "classes.json", {"class_names": ds.class_names})
     write_json(ctx.out / "gt_subset.json", {"targets": sc.targets, "gt_ratio": sc.gt_ratio, "seed": cfg.seed,
                                             "ids": [ds.ids[i] for i in sorted(gt_ids) if i in set(train_idx)]})
 
-    def target(i: int) -> np.ndarray:
-        if i in gt_ids:
-            return ds.mask(i)
-        return load_label_png(mask_dir / f"{ds.ids[i]}.png")
+    def reader(folder: Path | None) -> Callable[[int], np.ndarray]:
+        def target(i: int) -> np.ndarray:
+            if i in gt_ids:
+                return ds.mask(i)
+            return load_label_png(folder / f"{ds.ids[i]}.png")
+        return target
 
-    torch.manual_seed(cfg.seed)
-    model = build_seg_model(sc.model, ds.num_classes, sc.pretrained and not sc.encoder_from_classifier)
-    init_info = (init_encoder_from_classifier(model, ctx.upstream("train-cls") / "model.pt")
-                 if sc.encoder_from_classifier else {})
-    normalize = normalizer(model.mean, model.std)
-    train_set = SegmentationDataset(ds, train_idx, target, sc.crop_size, train=True, seed=cfg.seed)
-    val_set = SegmentationDataset(ds, val_idx, target, sc.crop_size, train=False)
+    def train_round(target: Callable[[int], np.ndarray], out: Path):
+        torch.manual_seed(cfg.seed)
+        model = build_seg_model(sc.model, ds.num_classes, sc.pretrained and not sc.encoder_from_classifier)
+        init_info = (init_encoder_from_classifier(model, ctx.upstream("train-cls") / "model.pt")
+                     if sc.encoder_from_classifier else {})
+        normalize = normalizer(model.mean, model.std)
+        train_set = SegmentationDataset(ds, train_idx, target, sc.crop_size, train=True, seed=cfg.seed)
+        val_set = SegmentationDataset(ds, val_idx, target, sc.crop_size, train=False)
 
-    def loss_fn(m, batch):
-        x, y = batch
-        return criterion(m(normalize(x)), y)
+        def loss_fn(m, batch):
+            x, y = batch
+            return criterion(m(normalize(x)), y)
 
-    def validate(m) -> dict:
-        loader = torch.utils.data.DataLoader(val_set, batch_size=sc.batch_size, num_workers=sc.num_workers)
-        total, count = 0.0, 0
-        for x, y in loader:
-            x, y = x.to(ctx.device), y.to(ctx.device)
-            loss = F.cross_entropy(m(normalize(x)), y, ignore_index=IGNORE_INDEX, reduction="sum")
-            total += float(loss)
-            count += int((y != IGNORE_INDEX).sum())
-        return {val_key: total / max(count, 1)}
+        def validate(m) -> dict:
+            loader = torch.utils.data.DataLoader(val_set, batch_size=sc.batch_size, num_workers=sc.num_workers)
+            total, count = 0.0, 0
+            for x, y in loader:
+                x, y = x.to(ctx.device), y.to(ctx.device)
+                loss = F.cross_entropy(m(normalize(x)), y, ignore_index=IGNORE_INDEX, reduction="sum")
+                total += float(loss)
+                count += int((y != IGNORE_INDEX).sum())
+            return {val_key: total / max(count, 1)}
 
-    optimizer = build_optimizer(model, sc)
+        result = fit(ctx, model, train_set, loss_fn, build_optimizer(model, sc), sc.epochs, sc.batch_size, cfg.seed,
+                     validate=validate if len(val_set) else None, select_key=val_key, num_workers=sc.num_workers,
+                     checkpoint_every=sc.checkpoint_every, out=out)
+        return result, init_info
+
     t0 = time.time()
-    result = fit(ctx, model, train_set, loss_fn, optimizer, sc.epochs, sc.batch_size, cfg.seed,
-                 validate=validate if len(val_set) else None, select_key=val_key, num_workers=sc.num_workers,
-                 checkpoint_every=sc.checkpoint_every)
+    target = reader(mask_dir)
+    per_round: list[dict] = []
+    for r in range(rounds + 1):  # rounds before the last one live in self_training/; the last one is the stage's
+        out = ctx.out if r == rounds else ctx.out / "self_training" / f"round{r}"
+        if r < rounds and (out / "fit.json").exists():  # completed by a killed attempt
+            record = read_json(out / "fit.json")
+        else:
+            result, init_info = train_round(target, out)
+            record = {"round": r, "best_epoch": result.best_epoch, val_key: result.best_score if val_idx else None}
+            if r < rounds and dist.is_main_process():
+                write_json(out / "fit.json", record)
+        if r < rounds:
+            folder = ctx.out / "self_training" / f"round{r + 1}_masks"
+            record = {**record, "relabel": relabel(ctx, ds, out / "model.pt",
+                                                   [i for i in train_idx + val_idx if i not in gt_ids], folder, target)}
+            target = reader(folder)
+            ctx.log({"self_training_round": r, **record})
+        per_round.append(record)
     calibration = calibrate(ctx, ds, val_idx, target, val_key) if sc.calibration != "none" else {}
     if sc.targets == "gt":
         selection = "lowest CE against GT masks of held-out training images (fully supervised baseline)"
-    elif len(val_set):
-        selection = "lowest CE against pseudo-masks of held-out training images (no pixel labels)"
+    elif val_idx:
+        against = f"round {rounds}'s relabelled masks" if rounds else "pseudo-masks"
+        selection = f"lowest CE against the {against} of held-out training images (no pixel labels)"
     else:
         selection = "last epoch (no held-out images)"
     return {
@@ -159,8 +232,10 @@ def run(ctx: StageContext) -> dict:
         "loss": sc.loss,
         **({"start_value": sc.start_value, "window_size": sc.window_size} if sc.loss == "gradient_clipping" else {}),
         "selection": selection,
-        "best_epoch": result.best_epoch,
-        val_key: result.best_score if len(val_set) else None,
+        "best_epoch": per_round[-1]["best_epoch"],
+        val_key: per_round[-1][val_key],
+        **({"self_training_rounds": rounds, "self_training_confidence": sc.self_training_confidence,
+            "self_training": per_round} if rounds else {}),
         "gt_ratio": sc.gt_ratio,
         "gt_images": len(gt_ids & set(train_idx)),
         "gt_subset_file": "gt_subset.json",
