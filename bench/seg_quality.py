@@ -30,7 +30,7 @@ from weakseg.data import train_val_indices
 from weakseg.evaluate.metrics import ConfusionMatrix
 from weakseg.io import load_label_png
 from weakseg.masks.crf import crf_from_probabilities
-from weakseg.models.inference import inference_crf_params
+from weakseg.models.inference import inference_crf_params, present_classes, reweight
 from weakseg.train.calibration import prior_match
 from weakseg.train.classifier import load_classifier
 from weakseg.train.segmentation import load_seg_model, predictor_for
@@ -38,9 +38,7 @@ from weakseg.train.segmentation import load_seg_model, predictor_for
 
 def gated_labels(probs: torch.Tensor, keep: np.ndarray) -> np.ndarray:
     """probs (C, H, W) with background at 0; keep (C - 1,) bool over foreground classes -> (H, W) uint8."""
-    gate = torch.ones(probs.shape[0])
-    gate[1:] = torch.as_tensor(keep, dtype=torch.float32)
-    return (probs * gate[:, None, None]).argmax(0).to(torch.uint8).numpy()
+    return reweight(probs, present_classes(keep)).argmax(0).to(torch.uint8).numpy()
 
 
 def main() -> None:
@@ -85,7 +83,7 @@ def main() -> None:
         model_seconds += time.perf_counter() - t0
         cms[rows[0]].update(gt, probs.argmax(0).to(torch.uint8).numpy())
         if calibration is not None:
-            cms[rows[1]].update(gt, (probs * weights[:, None, None]).argmax(0).to(torch.uint8).numpy())
+            cms[rows[1]].update(gt, reweight(probs, weights).argmax(0).to(torch.uint8).numpy())
         if args.gate is not None:
             x, labels = inputs[k][0][None].to(ctx.device), inputs[k][1].numpy()
             with torch.inference_mode():

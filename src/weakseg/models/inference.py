@@ -99,17 +99,14 @@ class SegPredictor:
         """(H, W, 3) uint8 -> (C, H, W) probabilities after the class weights, the `present` gate ((C,) bool:
         the classes the image may hold; the others get 0) and the dense CRF on the original image when `crf`."""
         probs = self.probabilities(image)
-        weights = None if self.class_weights is None else self.class_weights.to(probs.device)
-        if weights is not None and len(weights) != probs.shape[0]:
-            raise ValueError(f"{len(weights)} class weights for a {probs.shape[0]}-class model")
+        if self.class_weights is not None:
+            if len(self.class_weights) != probs.shape[0]:
+                raise ValueError(f"{len(self.class_weights)} class weights for a {probs.shape[0]}-class model")
+            probs = reweight(probs, self.class_weights)
         if present is not None:
             if len(present) != probs.shape[0]:
                 raise ValueError(f"a gate of {len(present)} classes for a {probs.shape[0]}-class model")
-            gate = torch.as_tensor(np.asarray(present, dtype=np.float32), device=probs.device)
-            weights = gate if weights is None else weights * gate
-        if weights is not None:
-            probs = probs * weights[:, None, None]
-            probs = probs / probs.sum(0, keepdim=True).clamp_min(1e-12)
+            probs = reweight(probs, np.asarray(present, dtype=np.float32))
         if self.crf is not None:
             probs = torch.from_numpy(crf_from_probabilities(image, probs.cpu().numpy(), self.crf))
         return probs.cpu()
@@ -117,6 +114,19 @@ class SegPredictor:
     def labels(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 -> (H, W) uint8 class ids (after the dense CRF on the original image when `crf`)."""
         return self.final_probabilities(image).argmax(0).to(torch.uint8).numpy()
+
+
+def present_classes(image_labels: np.ndarray) -> np.ndarray:
+    """(C - 1,) bool over the foreground classes of an image's labels -> (C,) bool with background always in."""
+    return np.concatenate([[True], np.asarray(image_labels, dtype=bool)])
+
+
+def reweight(probs: torch.Tensor, weights) -> torch.Tensor:
+    """probs (C, H, W) times per-class `weights` (C,), renormalised over C (0 where every weighted class is 0).
+    0/1 weights gate the classes an image may hold; the argmax of the result is argmax_c w_c * p_c."""
+    w = torch.as_tensor(weights, dtype=probs.dtype, device=probs.device)
+    probs = probs * w[:, None, None]
+    return probs / probs.sum(0, keepdim=True).clamp_min(1e-12)
 
 
 def inference_crf_params(sc) -> CrfParams:

@@ -26,7 +26,7 @@ from weakseg.data.base import WeakSegDataset
 from weakseg.data.torch_datasets import SegmentationDataset
 from weakseg.io import IGNORE_INDEX, load_label_png, read_json, save_label_png, write_json
 from weakseg.models.backbones import normalizer
-from weakseg.models.inference import SegPredictor
+from weakseg.models.inference import SegPredictor, present_classes
 from weakseg.models.segmentation import SegModel, build_seg_model
 from weakseg.runs import StageContext, StageError, pending_shard, require_all_written
 from weakseg.train.calibration import CALIBRATION_FILE, check_calibration, load_class_weights, prior_match
@@ -112,7 +112,7 @@ def relabel(ctx: StageContext, ds: WeakSegDataset, model_path: Path, indices: li
     for k in tqdm(pending_shard(folder, stems, ".png"), desc=f"{ctx.stage} relabel {folder.name}",
                   disable=not dist.is_main_process(), leave=False, dynamic_ncols=True):
         i = indices[k]
-        present = np.concatenate([[True], ds.labels(i) > 0.5])
+        present = present_classes(ds.labels(i) > 0.5)
         confidence, labels = predictor.final_probabilities(ds.image(i), present).max(0)
         labels = labels.to(torch.uint8).numpy()
         labels[confidence.numpy() < sc.self_training_confidence] = IGNORE_INDEX
