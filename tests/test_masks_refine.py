@@ -200,6 +200,34 @@ def test_refiner_decoder_upsamples_by_16(size):
     assert decoder.block1[0].out_channels == DECODER_WIDTHS[size][0]
 
 
+@pytest.mark.parametrize("size", list(DECODER_WIDTHS))
+def test_refiner_forward_equals_refinerys_upsample_then_classify_order(size):
+    """refinery upsamples block3's c3 channels and then applies the 1x1 classifier; we classify first and
+    upsample only the picked channels. Same logits, for one channel per item and for K channels per item."""
+    torch.manual_seed(1)
+    decoder = RefinerDecoder(in_channels=12, num_outputs=5, size=size).eval()
+    feats = torch.randn(3, 12, 3, 4)
+
+    def reference(out_size: int | tuple[int, int]) -> torch.Tensor:
+        x = F.interpolate(decoder.block1(feats), scale_factor=2, mode="bilinear", align_corners=False)
+        x = F.interpolate(decoder.block2(x), scale_factor=2, mode="bilinear", align_corners=False)
+        x = F.interpolate(decoder.block3(x), scale_factor=4, mode="bilinear", align_corners=False)
+        full = decoder.classifier(x)  # (3, 5, 48, 64)
+        hw = out_size if isinstance(out_size, tuple) else (out_size, out_size)
+        return F.interpolate(full, size=hw, mode="bilinear", align_corners=False)
+
+    with torch.no_grad():
+        one = torch.tensor([4, 0, 2])
+        many = torch.tensor([[1, 3], [0, 4], [2, 2]])
+        for out_size in (40, 57):
+            ref = reference(out_size)
+            torch.testing.assert_close(refiner_forward(decoder, feats, one, out_size), ref[torch.arange(3), one],
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(refiner_forward(decoder, feats, many, out_size),
+                                       ref[torch.arange(3)[:, None], many], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(decoder(feats), reference((48, 64)), atol=1e-5, rtol=1e-5)
+
+
 def toy_refiner_data(n: int = 24, dim: int = 6, seed: int = 0):
     """Features (N, D, 2, 2); the target CAM of channel c is the sign of feature channel c, upsampled to 32 x 32."""
     g = torch.Generator().manual_seed(seed)

@@ -49,11 +49,19 @@ class RefinerDecoder(nn.Module):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+    def low_res_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """features (B, D, h, w) -> logits (B, num_outputs, 4h, 4w) before the last x4 upsampling.
+
+        The 1x1 classifier commutes with bilinear upsampling (both linear, the interpolation weights sum to 1),
+        so applying it first gives the same logits while upsampling num_outputs instead of c3 channels; callers
+        that need a few class channels upsample only those (`refiner_forward`).
+        """
         x = F.interpolate(self.block1(feats), scale_factor=2, mode="bilinear", align_corners=False)
         x = F.interpolate(self.block2(x), scale_factor=2, mode="bilinear", align_corners=False)
-        x = F.interpolate(self.block3(x), scale_factor=4, mode="bilinear", align_corners=False)
-        return self.classifier(x)
+        return self.classifier(self.block3(x))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.low_res_logits(feats), scale_factor=4, mode="bilinear", align_corners=False)
 
 
 def clipped_refiner_loss(logits: torch.Tensor, target: torch.Tensor, window: int = 120,
@@ -124,12 +132,18 @@ class RefinerPairs(torch.utils.data.Dataset):
 
 
 def refiner_forward(decoder: RefinerDecoder, feats: torch.Tensor, channels: torch.Tensor, size: int) -> torch.Tensor:
-    """feats (B, D, h, w), channels (B,) or (B, K) class channels -> their logits (B, size, size) / (B, K, S, S)."""
-    logits = decoder(feats)
+    """feats (B, D, h, w), channels (B,) or (B, K) class channels -> their logits (B, size, size) / (B, K, S, S).
+
+    The same values as selecting the channels of `decoder(feats)` resized to (size, size), but only the selected
+    channels are upsampled (about 3x faster to train than upsampling all of them).
+    """
+    low = decoder.low_res_logits(feats)
+    rows = torch.arange(len(channels), device=low.device)
+    picked = low[rows[:, None], channels] if channels.ndim == 2 else low[rows, channels][:, None]
+    logits = F.interpolate(picked, scale_factor=4, mode="bilinear", align_corners=False)
     if logits.shape[-1] != size or logits.shape[-2] != size:
         logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
-    rows = torch.arange(len(channels), device=logits.device)
-    return logits[rows[:, None], channels] if channels.ndim == 2 else logits[rows, channels]
+    return logits if channels.ndim == 2 else logits[:, 0]
 
 
 def train_refiner(decoder: RefinerDecoder, train_set: torch.utils.data.Dataset, epochs: int, batch_size: int,
