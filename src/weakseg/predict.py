@@ -11,10 +11,9 @@ from weakseg.config import inference_only_keys, load_config
 from weakseg.data.imageio import list_images, read_image
 from weakseg.io import read_json, save_label_png
 from weakseg.models.inference import SegPredictor
-from weakseg.models.segmentation import build_seg_model
 from weakseg.runs import StageError, require_all_written, verify_outputs
 from weakseg.train.calibration import load_class_weights
-from weakseg.train.loop import load_checkpoint
+from weakseg.train.segmentation import load_trained_seg_model
 
 
 def load_predictor(run_dir: str | Path, device: str = "auto") -> tuple[SegPredictor, list[str]]:
@@ -29,8 +28,7 @@ def load_predictor(run_dir: str | Path, device: str = "auto") -> tuple[SegPredic
         for key in inference_only_keys(cfg)["train_seg"]:
             setattr(cfg.train_seg, key, getattr(scored.train_seg, key))
     class_names = read_json(seg_dir / "classes.json")["class_names"]
-    model = build_seg_model(cfg.train_seg.model, len(class_names), pretrained=False)
-    model.load_state_dict(load_checkpoint(seg_dir / "model.pt")["model"])
+    model = load_trained_seg_model(cfg.train_seg.model, len(class_names), seg_dir / "model.pt")
     sc = cfg.train_seg
     dev = dist.resolve_device(device if device != "auto" else cfg.device)
     weights = load_class_weights(seg_dir, sc.calibration)

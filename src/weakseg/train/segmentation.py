@@ -80,9 +80,15 @@ def build_optimizer(model: SegModel, sc) -> torch.optim.Optimizer:
     raise ValueError(f"unknown train_seg.optimizer {sc.optimizer!r}; valid names: adamw, adam, sgd")
 
 
+def load_trained_seg_model(name: str, num_classes: int, path: Path) -> SegModel:
+    """The `train_seg.model` called `name` with the weights of a trained model.pt at `path` (on the CPU)."""
+    model = build_seg_model(name, num_classes, pretrained=False)
+    model.load_state_dict(load_checkpoint(path)["model"])
+    return model
+
+
 def load_seg_model(ctx: StageContext, num_classes: int) -> SegModel:
-    model = build_seg_model(ctx.cfg.train_seg.model, num_classes, pretrained=False)
-    model.load_state_dict(load_checkpoint(ctx.upstream("train-seg") / "model.pt")["model"])
+    model = load_trained_seg_model(ctx.cfg.train_seg.model, num_classes, ctx.upstream("train-seg") / "model.pt")
     return model.to(ctx.device).eval()
 
 
@@ -105,9 +111,8 @@ def relabel(ctx: StageContext, ds: WeakSegDataset, model_path: Path, indices: li
         return read_json(marker)
     t0 = time.time()
     dist.barrier()  # model.pt is written by rank 0
-    model = build_seg_model(sc.model, ds.num_classes, pretrained=False)
-    model.load_state_dict(load_checkpoint(model_path, ctx.device)["model"])
-    predictor = SegPredictor.from_config(model.to(ctx.device).eval(), sc, ctx.device, ctx.cfg.precision)
+    model = load_trained_seg_model(sc.model, ds.num_classes, model_path)
+    predictor = SegPredictor.from_config(model, sc, ctx.device, ctx.cfg.precision)
     stems = [ds.ids[i] for i in indices]
     for k in tqdm(pending_shard(folder, stems, ".png"), desc=f"{ctx.stage} relabel {folder.name}",
                   disable=not dist.is_main_process(), leave=False, dynamic_ncols=True):
@@ -254,8 +259,7 @@ def calibrate(ctx: StageContext, ds: WeakSegDataset, val_idx: list[int], target,
     t0 = time.time()
     dist.barrier()  # model.pt is written by rank 0
     if dist.is_main_process():
-        model = build_seg_model(sc.model, ds.num_classes, pretrained=False)
-        model.load_state_dict(load_checkpoint(ctx.out / "model.pt")["model"])
+        model = load_trained_seg_model(sc.model, ds.num_classes, ctx.out / "model.pt")
         predictor = SegPredictor.from_config(model, sc, ctx.device, ctx.cfg.precision)
         record = prior_match(lambda i: predictor.probabilities(ds.image(i)), target, val_idx, ds.num_classes)
         record["fitted_on"] = f"{len(val_idx)} held-out training images' {val_key.removeprefix('val_loss_vs_')} masks"
