@@ -106,3 +106,33 @@ def test_bf16_inference_returns_fp32_probabilities_close_to_fp32():
     half = SegPredictor(net, 30, precision="bf16").probabilities(image)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full, atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("device, workers, threads, cores, slows", [
+    ("cpu", 1, 2, 2, True),    # our machines: a worker beside both compute threads
+    ("cpu", 2, 1, 2, True),
+    ("cpu", 0, 2, 2, False),   # no worker process
+    ("cpu", 1, 1, 2, False),   # a free core for the worker
+    ("cpu", 4, 4, 8, False),
+    ("cuda", 4, 2, 2, False),  # the GPU computes; workers feed it
+])
+def test_loader_oversubscription_flags_workers_that_take_the_compute_threads_cores(monkeypatch, device, workers,
+                                                                                   threads, cores, slows):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(dist, "usable_cpu_count", lambda: cores)
+    why = dist.loader_oversubscription(torch.device(device), workers)
+    assert (why is not None) == slows
+    if slows:
+        assert f"num_workers={workers}" in why and f"{cores} CPU core" in why and "num_workers=0" in why
+
+
+def test_fit_warns_when_its_loader_workers_oversubscribe_the_cpu(tmp_path, monkeypatch):
+    ctx = StageContext(PipelineCfg(runs_dir=str(tmp_path), name="toy"), "train-cls", torch.device("cpu"))
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    model = toy_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    monkeypatch.setattr(dist, "usable_cpu_count", lambda: torch.get_num_threads())  # every core computes
+    with pytest.warns(RuntimeWarning, match=r"\[train-cls\] num_workers=1 DataLoader worker"):
+        fit(ctx, model, ToySet(16), lambda m, b: F.cross_entropy(m(b[0]), b[1]), opt, epochs=1, batch_size=8,
+            seed=0, num_workers=1)
+    ctx.close()

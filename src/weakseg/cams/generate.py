@@ -126,6 +126,7 @@ def run(ctx: StageContext) -> dict:
     todo = pending_shard(out_dir, ds.ids, ".npz")
     loader = torch.utils.data.DataLoader(CamInputs(ds, todo, cam_input_size(ctx)), batch_size=cfg.cams.batch_size,
                                          num_workers=cfg.train_cls.num_workers)
+    dist.warn_loader_oversubscription(ctx.stage, ctx.device, cfg.train_cls.num_workers)
     precision = dist.resolve_precision(cfg.precision, ctx.device)
     t0 = time.time()
     done = 0

@@ -129,6 +129,7 @@ def fit(
 
     model.to(device)
     dist.channels_last(model)
+    dist.warn_loader_oversubscription(ctx.stage, device, num_workers)
     precision = dist.resolve_precision(ctx.cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start_epoch, start_batch, best = 0, 0, {"epoch": -1, "score": math.inf}
