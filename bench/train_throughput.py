@@ -1,10 +1,11 @@
 """Training throughput of weakseg's engine vs a bare forward+backward loop of the same model.
 
-    python bench/train_throughput.py [--images 192] [--size 128] [--batch 16]
+    python -m bench.train_throughput [--images 192] [--size 128] [--batch 16] [--workers 0]
 
 Ours = `weakseg.train.loop.fit` on the demo dataset (decoding, augmentation, DataLoader, scheduler,
 logging, checkpoint) for the classifier and the segmentation model; bare = the same model, loss and
-optimizer on pre-made tensors. Target ratio ours/bare >= 0.9.
+optimizer on pre-made tensors. Target ratio ours/bare >= 0.9. `--workers 1` on a 2-core machine shows what a
+DataLoader worker beside torch's two threads costs (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=192)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=0)
     args = p.parse_args()
     ds = DemoDataset("train", args.images, 0, args.size)
     n_batches = args.images // args.batch
