@@ -4,7 +4,8 @@ Loads the classifier of `--run` (its train-cls stage), applies the run's resolve
 overrides, generates CAMs for the training images that have pixel GT only (the 209 VOC2007 masks, the 300
 Pet trimaps), and scores them exactly as the evaluate stage does: dataset-pooled, 255 ignored, at the
 label-free Otsu threshold of these images' CAMs, plus the GT-chosen oracle of the sweep (a bound only).
-Nothing is written into the run directory; the CAMs go to a temporary folder.
+Nothing is written into the run directory; the CAMs go to a temporary folder, or to --keep-cams DIR, where
+`bench.mask_quality --cams DIR` makes and scores pseudo-masks from them without a full cams stage.
 
     python -m bench.cam_quality --run runs/voc07-best --label cam-1.0 cams.scales=[1.0] cams.flip=false
 """
@@ -27,7 +28,9 @@ from weakseg.train.classifier import load_classifier
 
 
 def main() -> None:
-    args = quality_args(__doc__, "a completed train-cls stage", "cam_quality")
+    args = quality_args(__doc__, "a completed train-cls stage", "cam_quality",
+                        keep=("--keep-cams", {"default": "", "help": "keep the CAMs in this folder (for "
+                                              "`bench.mask_quality --cams`) instead of a temporary one"}))
     run_dir = Path(args.run)
     ctx = run_context(run_dir, "train-cls", "cams", args.overrides)
     cfg = ctx.cfg
@@ -39,7 +42,7 @@ def main() -> None:
                                          batch_size=cfg.cams.batch_size, num_workers=0)
     precision = dist.resolve_precision(cfg.precision, ctx.device)
     with tempfile.TemporaryDirectory() as tmp:
-        cam_dir = Path(tmp) / "cams"
+        cam_dir = Path(args.keep_cams) if args.keep_cams else Path(tmp) / "cams"
         model_seconds = 0.0
         for x, labels, hs, ws, idx in tqdm(loader, desc=f"cams {args.label}", dynamic_ncols=True):
             t0 = time.perf_counter()

@@ -6,7 +6,9 @@ evaluate stage does (dataset-pooled, 255 ignored, ignored pseudo-label pixels co
 background threshold is chosen as the masks stage chooses it: label-free (Otsu over every training image's
 CAMs) unless masks.bg_threshold is set. Nothing is written into the run directory: a maker's own files (the
 refiner's model and log) go to a temporary folder with the masks, or to --work DIR, where a later row finds
-and reuses a trained refiner or affinity head (one folder per training setting).
+and reuses a trained refiner or affinity head (one folder per training setting). With --cams DIR (CAMs kept by
+`bench.cam_quality --keep-cams DIR`, the masked images' only) the masks come from those CAMs, and the
+label-free threshold is Otsu over them alone, as cam_quality chooses it.
 
     python -m bench.mask_quality --run runs/voc07-best --label crf-labels masks.crf_unary=labels
 """
@@ -27,12 +29,15 @@ def main() -> None:
     args = quality_args(__doc__, "a completed cams stage", "mask_quality",
                         work=("--work", {"default": "", "help": "folder for the maker's own files (default: a "
                                          "temporary one); rows that share it reuse a trained refiner / affinity "
-                                         "head, so give each training setting its own"}))
+                                         "head, so give each training setting its own"}),
+                        cams=("--cams", {"default": "", "help": "CAMs of the masked images kept by "
+                                         "`bench.cam_quality --keep-cams` (default: the run's cams stage)"}))
     run_dir = Path(args.run)
-    ctx = run_context(run_dir, "cams", "masks", args.overrides)
+    ctx = run_context(run_dir, "train-cls" if args.cams else "cams", "masks", args.overrides)
     cfg = ctx.cfg
     ds, scored_ds, masked = masked_training_images(cfg)
-    cam_dir = ctx.upstream("cams") / "cams"
+    cam_dir = Path(args.cams) if args.cams else ctx.upstream("cams") / "cams"
+    threshold_ids = [ds.ids[i] for i in masked] if args.cams else ds.ids
     with tempfile.TemporaryDirectory() as tmp:
         # a maker's own files (the refiner's model, its log) stay out of the run
         ctx.out = Path(args.work) if args.work else Path(tmp) / "masks"
@@ -41,7 +46,7 @@ def main() -> None:
         prepare_metrics = maker.prepare(ctx, ds, cam_dir)
         threshold, rule = None, "n/a"
         if maker.needs_threshold:
-            threshold, rule = choose_threshold(cfg.masks.bg_threshold, maker.threshold_cam_dir(cam_dir), ds.ids)
+            threshold, rule = choose_threshold(cfg.masks.bg_threshold, maker.threshold_cam_dir(cam_dir), threshold_ids)
             maker.bg_threshold = threshold
         job = MaskJob(ds, maker, cam_dir, ctx.out / "masks", cfg.data.binary_masks)
         t0 = time.perf_counter()

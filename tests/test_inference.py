@@ -156,3 +156,32 @@ def test_the_class_gate_removes_absent_classes_and_renormalises():
     torch.testing.assert_close(predictor.final_probabilities(picture), plain)
     with pytest.raises(ValueError, match="gate of 3 classes"):
         predictor.final_probabilities(picture, np.array([True, True, False]))
+
+
+def test_the_gated_crf_runs_over_the_kept_classes_only_and_matches_the_crf_of_all(monkeypatch):
+    pytest.importorskip("pydensecrf.densecrf")
+    import weakseg.models.inference as inference
+
+    sc = load_config(None, ["train_seg.infer_crf=true", "train_seg.crop_size=24"]).train_seg
+    predictor = SegPredictor.from_config(PixelwiseModel(classes=5), sc)
+    picture, present = image(20, 24, seed=3), np.array([True, False, True, True, False])
+    # reference: the CRF over all 5 classes of the gated probabilities (the gated-out ones at ~0)
+    gated_plain = SegPredictor(PixelwiseModel(classes=5), infer_size=24).final_probabilities(picture, present)
+    every_class = inference.crf_from_probabilities(picture, gated_plain.numpy(), predictor.crf)
+    labels_seen: list[int] = []
+    real = inference.crf_from_probabilities
+
+    def spy(img, probs, params):
+        labels_seen.append(probs.shape[0])
+        return real(img, probs, params)
+
+    monkeypatch.setattr(inference, "crf_from_probabilities", spy)
+    gated = predictor.final_probabilities(picture, present)
+    assert predictor.final_probabilities(picture).shape == (5, 20, 24)
+    assert labels_seen == [3, 5]  # gated: background + the 2 kept classes; ungated: all 5
+    assert (gated[[1, 4]] == 0).all()
+    torch.testing.assert_close(gated.sum(0), torch.ones(20, 24))
+    np.testing.assert_array_equal(gated.argmax(0).numpy(), every_class.argmax(0))
+    torch.testing.assert_close(gated[[0, 2, 3]], torch.from_numpy(every_class[[0, 2, 3]]), atol=1e-4, rtol=0)
+    background_only = predictor.final_probabilities(picture, np.array([True, False, False, False, False]))
+    assert labels_seen == [3, 5] and (background_only[0] == 1).all() and (background_only[1:] == 0).all()

@@ -153,6 +153,40 @@ def test_self_training_relabels_with_the_models_own_gated_predictions_and_resume
     assert json.loads((seg_dir / "metrics.json").read_text())["self_training"] == rounds
 
 
+def test_a_later_self_training_round_can_fine_tune_the_previous_model_for_its_own_epochs(tiny_overrides, monkeypatch):
+    import torch
+
+    from weakseg.train import segmentation
+    from weakseg.train.loop import load_checkpoint
+
+    calls = []  # (parameters at the start of each round's fit, its epochs)
+    real_fit = segmentation.fit
+
+    def spy(ctx, model, train_set, loss_fn, optimizer, epochs, *args, **kwargs):
+        calls.append(({k: v.detach().clone() for k, v in model.named_parameters()}, epochs))
+        return real_fit(ctx, model, train_set, loss_fn, optimizer, epochs, *args, **kwargs)
+
+    monkeypatch.setattr(segmentation, "fit", spy)
+    cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + [
+        "train_seg.self_training_rounds=1", "train_seg.self_training_confidence=0.5",
+        "train_seg.self_training_init=previous", "train_seg.self_training_epochs=1"])
+    run_pipeline(cfg)
+    seg_dir = cfg.run_dir / "train-seg"
+    round0 = load_checkpoint(seg_dir / "self_training" / "round0" / "model.pt")["model"]
+    (start0, epochs0), (start1, epochs1) = calls
+    assert (epochs0, epochs1) == (cfg.train_seg.epochs, 1)
+    for name, value in start1.items():  # round 1 starts from round 0's selected model, not from a fresh one
+        torch.testing.assert_close(value, round0[name].float(), rtol=0, atol=0)
+    assert any(not torch.equal(start0[k], start1[k]) for k in start1)
+    metrics = json.loads((seg_dir / "metrics.json").read_text())
+    assert metrics["round_init"] == str(seg_dir / "self_training" / "round0" / "model.pt")
+    assert metrics["self_training_init"] == "previous" and metrics["self_training_epochs"] == 1
+    assert metrics["best_epoch"] == 1
+    with pytest.raises(ValueError, match="self_training_init must be fresh or previous"):
+        run_pipeline(load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + [
+            "train_seg.self_training_rounds=1", "train_seg.self_training_init=last"]))
+
+
 def test_mask_eval_split_restricts_cam_and_mask_scoring_to_its_images(tiny_cfg, tiny_overrides):
     import torch
 

@@ -202,6 +202,10 @@ class SegTrainCfg:
     # and train a fresh model on those labels, this many times (weakseg.train.segmentation.relabel)
     self_training_rounds: int = field(default=0, metadata=LATE)
     self_training_confidence: float = field(default=0.0, metadata=LATE)
+    # where each later round starts: fresh (as round 0: train_seg.pretrained / encoder_from_classifier) | previous
+    # (the previous round's selected model, fine-tuned on its own relabelled masks)
+    self_training_init: str = field(default="fresh", metadata=LATE)
+    self_training_epochs: int = field(default=0, metadata=LATE)  # epochs of each later round; 0 = train_seg.epochs
     checkpoint_every: int = 0
     infer_size: int = 0  # longer image side at inference; 0 = crop_size
     infer_scales: list[float] = field(default_factory=lambda: [1.0])

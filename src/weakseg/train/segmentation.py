@@ -145,6 +145,9 @@ def run(ctx: StageContext) -> dict:
     if rounds < 0 or not 0 <= sc.self_training_confidence < 1:
         raise ValueError(f"train_seg.self_training_rounds must be >= 0 and self_training_confidence in [0, 1), got "
                          f"{rounds} and {sc.self_training_confidence}")
+    if sc.self_training_init not in ("fresh", "previous") or sc.self_training_epochs < 0:
+        raise ValueError(f"train_seg.self_training_init must be fresh or previous and self_training_epochs >= 0, got "
+                         f"{sc.self_training_init!r} and {sc.self_training_epochs}")
     if rounds and sc.targets == "gt":
         raise ValueError("train_seg.self_training_rounds relabels pseudo-masks; it has no meaning with targets=gt")
     ds = seg_dataset(cfg.data, cfg.data.train_split)
@@ -175,11 +178,15 @@ def run(ctx: StageContext) -> dict:
             return load_label_png(folder / f"{ds.ids[i]}.png")
         return target
 
-    def train_round(target: Callable[[int], np.ndarray], out: Path):
+    def train_round(target: Callable[[int], np.ndarray], out: Path, epochs: int, start: Path | None = None):
+        """One round of training on `target`; `start`: a trained model.pt to fine-tune instead of a fresh model."""
         torch.manual_seed(cfg.seed)
-        model = build_seg_model(sc.model, ds.num_classes, sc.pretrained and not sc.encoder_from_classifier)
-        init_info = (init_encoder_from_classifier(model, ctx.upstream("train-cls") / "model.pt")
-                     if sc.encoder_from_classifier else {})
+        if start is not None:
+            model, init_info = load_trained_seg_model(sc.model, ds.num_classes, start), {"round_init": str(start)}
+        else:
+            model = build_seg_model(sc.model, ds.num_classes, sc.pretrained and not sc.encoder_from_classifier)
+            init_info = (init_encoder_from_classifier(model, ctx.upstream("train-cls") / "model.pt")
+                         if sc.encoder_from_classifier else {})
         normalize = normalizer(model.mean, model.std)
         train_set = SegmentationDataset(ds, train_idx, target, sc.crop_size, train=True, seed=cfg.seed)
         val_set = SegmentationDataset(ds, val_idx, target, sc.crop_size, train=False)
@@ -198,7 +205,7 @@ def run(ctx: StageContext) -> dict:
                 count += int((y != IGNORE_INDEX).sum())
             return {val_key: total / max(count, 1)}
 
-        result = fit(ctx, model, train_set, loss_fn, build_optimizer(model, sc), sc.epochs, sc.batch_size, cfg.seed,
+        result = fit(ctx, model, train_set, loss_fn, build_optimizer(model, sc), epochs, sc.batch_size, cfg.seed,
                      validate=validate if len(val_set) else None, select_key=val_key, num_workers=sc.num_workers,
                      checkpoint_every=sc.checkpoint_every, out=out)
         return result, init_info
@@ -206,12 +213,19 @@ def run(ctx: StageContext) -> dict:
     t0 = time.time()
     target = reader(mask_dir)
     per_round: list[dict] = []
+
+    def round_dir(r: int) -> Path:
+        return ctx.out if r == rounds else ctx.out / "self_training" / f"round{r}"
+
     for r in range(rounds + 1):  # rounds before the last one live in self_training/; the last one is the stage's
-        out = ctx.out if r == rounds else ctx.out / "self_training" / f"round{r}"
+        out = round_dir(r)
         if r < rounds and (out / "fit.json").exists():  # completed by a killed attempt
             record = read_json(out / "fit.json")
         else:
-            result, init_info = train_round(target, out)
+            later = r > 0
+            start = round_dir(r - 1) / "model.pt" if later and sc.self_training_init == "previous" else None
+            epochs = sc.self_training_epochs if later and sc.self_training_epochs else sc.epochs
+            result, init_info = train_round(target, out, epochs, start)
             record = {"round": r, "best_epoch": result.best_epoch, val_key: result.best_score if val_idx else None}
             if r < rounds and dist.is_main_process():
                 write_json(out / "fit.json", record)
@@ -240,7 +254,9 @@ def run(ctx: StageContext) -> dict:
         "best_epoch": per_round[-1]["best_epoch"],
         val_key: per_round[-1][val_key],
         **({"self_training_rounds": rounds, "self_training_confidence": sc.self_training_confidence,
-            "self_training": per_round} if rounds else {}),
+            "self_training_init": sc.self_training_init,
+            "self_training_epochs": sc.self_training_epochs or sc.epochs, "self_training": per_round}
+           if rounds else {}),
         "gt_ratio": sc.gt_ratio,
         "gt_images": len(gt_ids & set(train_idx)),
         "gt_subset_file": "gt_subset.json",
