@@ -108,14 +108,12 @@ class SegPredictor:
                 raise ValueError(f"a gate of {len(present)} classes for a {probs.shape[0]}-class model")
             probs = reweight(probs, np.asarray(present, dtype=np.float32))
         if self.crf is not None:
+            # gated-out classes hold no probability: the CRF runs over the others alone (its cost grows with C)
             probs = probs.cpu()
-            if present is None or np.all(present):
-                probs = torch.from_numpy(crf_from_probabilities(image, probs.numpy(), self.crf))
-            else:  # gated-out classes hold no probability: the CRF over the others alone (its cost grows with C)
-                keep = torch.from_numpy(np.flatnonzero(present))
-                refined = (torch.from_numpy(crf_from_probabilities(image, probs[keep].numpy(), self.crf))
-                           if len(keep) > 1 else probs[keep].float())  # one class left: nothing to refine
-                probs = refined.new_zeros(probs.shape).index_copy_(0, keep, refined)
+            keep = torch.arange(probs.shape[0]) if present is None else torch.from_numpy(np.flatnonzero(present))
+            refined = (torch.from_numpy(crf_from_probabilities(image, probs[keep].numpy(), self.crf))
+                       if len(keep) > 1 else probs[keep].float())  # one class left: nothing to refine
+            probs = refined.new_zeros(probs.shape).index_copy_(0, keep, refined)
         return probs.cpu()
 
     def labels(self, image: np.ndarray) -> np.ndarray:

@@ -217,15 +217,14 @@ def run(ctx: StageContext) -> dict:
     def round_dir(r: int) -> Path:
         return ctx.out if r == rounds else ctx.out / "self_training" / f"round{r}"
 
+    later_epochs = sc.self_training_epochs or sc.epochs  # of every round after round 0
     for r in range(rounds + 1):  # rounds before the last one live in self_training/; the last one is the stage's
         out = round_dir(r)
         if r < rounds and (out / "fit.json").exists():  # completed by a killed attempt
             record = read_json(out / "fit.json")
         else:
-            later = r > 0
-            start = round_dir(r - 1) / "model.pt" if later and sc.self_training_init == "previous" else None
-            epochs = sc.self_training_epochs if later and sc.self_training_epochs else sc.epochs
-            result, init_info = train_round(target, out, epochs, start)
+            start = round_dir(r - 1) / "model.pt" if r > 0 and sc.self_training_init == "previous" else None
+            result, init_info = train_round(target, out, later_epochs if r > 0 else sc.epochs, start)
             record = {"round": r, "best_epoch": result.best_epoch, val_key: result.best_score if val_idx else None}
             if r < rounds and dist.is_main_process():
                 write_json(out / "fit.json", record)
@@ -255,7 +254,7 @@ def run(ctx: StageContext) -> dict:
         val_key: per_round[-1][val_key],
         **({"self_training_rounds": rounds, "self_training_confidence": sc.self_training_confidence,
             "self_training_init": sc.self_training_init,
-            "self_training_epochs": sc.self_training_epochs or sc.epochs, "self_training": per_round}
+            "self_training_epochs": later_epochs, "self_training": per_round}
            if rounds else {}),
         "gt_ratio": sc.gt_ratio,
         "gt_images": len(gt_ids & set(train_idx)),
