@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from weakseg.cams.base import max_normalize, minmax_normalize
 from weakseg.cams.ccam import CCAMNet, sim_max_loss, sim_min_loss
 from weakseg.cams.class_specific import ClassSpecificCCAMNet
+from weakseg.cams.recam import ReCAMClassifier
 from weakseg.cams.ecs import combine_erased, erase_by_blur, erased_cam_supervision, gaussian_blur
 from weakseg.cams.finecam import FineCAM
 from weakseg.cams.generate import CamGenerator, finalize_cam
@@ -23,7 +24,7 @@ from weakseg.train.classifier import build_classifier, check_model_for_method
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODEL_CLASSES = {"cam_classifier": CamClassifier, "weaktr": WeakTrNet, "ccam": CCAMNet,
-                 "class_specific_ccam": ClassSpecificCCAMNet}
+                 "class_specific_ccam": ClassSpecificCCAMNet, "recam": ReCAMClassifier}
 SIZE, SQUARE = 64, 24
 
 
@@ -212,6 +213,12 @@ class TestClassSpecificCCAM(PlantedObjectCheck, CamMethodTester):
 
 class TestClassSpecificCCAMFrozen(CamMethodTester):
     method, backbone = "class_specific_ccam", "test_resnet"
+
+
+class TestReCAM(CamMethodTester):
+    """Localisation (two planted classes: a one-class softmax cannot train) is in tests/test_recam.py."""
+
+    method, backbone = "recam", "test_efficientnet"
 
 
 def test_every_registered_method_has_a_tester():
@@ -441,7 +448,8 @@ def test_stage1_presets_load_and_pair_method_with_model(preset, method, model, b
     ["train_cls.model=weaktr", "train_cls.backbone=test_vit", "cams.method=weaktr"],
     ["train_cls.model=ccam", "train_cls.backbone=test_efficientnet", "train_cls.ecs=true", "cams.method=ccam"],
     ["train_cls.backbone=hybrid_test", "train_cls.cls_pool=token", "cams.method=finecam", "cams.ecs=true"],
-], ids=["weaktr", "ccam-ecs", "hybrid-finecam-ecs"])
+    ["train_cls.model=recam", "train_cls.backbone=test_efficientnet", "cams.method=recam"],
+], ids=["weaktr", "ccam-ecs", "hybrid-finecam-ecs", "recam"])
 def test_train_cls_and_cams_stages_run_end_to_end(tmp_path, overrides):
     """The real stages on 16 demo images: train-cls trains and saves the method's model, cams reloads it."""
     from weakseg.io import load_cam
@@ -469,6 +477,7 @@ def test_train_cls_and_cams_stages_run_end_to_end(tmp_path, overrides):
     ("ccam", "test_resnet", ()),
     ("class_specific_ccam", "test_efficientnet", (("ccam_backbone", "shared"),)),
     ("class_specific_ccam", "test_resnet", ()),
+    ("recam", "test_efficientnet", ()),
 ])
 def test_every_trainable_parameter_gets_a_gradient(model, backbone, options):
     """DDP (find_unused_parameters=False) fails on a trainable parameter outside the loss graph."""

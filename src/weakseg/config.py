@@ -88,7 +88,7 @@ class ClsTrainCfg:
     num_workers: int = field(default=0, metadata=SPEED_ONLY_ONCE_HASHED)  # DataLoader workers (also the cams stage's)
     checkpoint_every: int = 0  # iterations between mid-epoch checkpoints; 0 = once per epoch
     # Which model train-cls trains (each CAM method needs its own, see weakseg.cams.methods.REQUIRED_MODEL):
-    model: str = "cam_classifier"  # cam_classifier (cam, finecam) | weaktr (cams.method=weaktr) | ccam
+    model: str = "cam_classifier"  # cam_classifier (cam, finecam) | weaktr (cams.method=weaktr) | ccam | recam
     cls_pool: str = "avg"  # cam_classifier: avg (GAP of the feature map) | token (ViT CLS token, as for finecam)
     drop_path_rate: float = 0.0  # weaktr: stochastic depth of the ViT (WeakTr uses 0.1)
     aaf_reduction: float = 4.0  # weaktr: SE reduction of the adaptive attention fusion
@@ -110,6 +110,9 @@ class ClsTrainCfg:
     # weaktr: the C class tokens (WeakTr --extra-token). replicate = copies of the pretrained CLS token and its
     # position embedding; random = truncated-normal; auto = replicate when the backbone has a pretrained CLS token.
     weaktr_token_init: str = field(default="auto", metadata=LATE)
+    # recam: weight of ReCAM's softmax cross-entropy on CAM-weighted features beside the BCE (weakseg.cams.recam);
+    # 1.0, chosen a priori (both terms at equal weight), not tuned.
+    recam_loss_weight: float = field(default=1.0, metadata=LATE)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from weakseg.cams.ccam import CCAMNet, ClassAgnosticCAM
 from weakseg.cams.class_specific import ClassSpecificCAM, ClassSpecificCCAMNet
 from weakseg.cams.ecs import ErasedCamSupervision
 from weakseg.cams.finecam import FineCAM
+from weakseg.cams.recam import ReCAM
 from weakseg.cams.weaktr import WeakTrCAM, WeakTrNet, weaktr_fused
 
 
@@ -44,16 +45,24 @@ METHODS: dict[str, Callable[[nn.Module], CamMethod]] = {
     "weaktr_fused": weaktr_fused,
     "ccam": ClassAgnosticCAM,
     "class_specific_ccam": ClassSpecificCAM,
+    "recam": ReCAM,
 }
 
 # train_cls.model each method needs (methods not listed use the default CamClassifier).
 REQUIRED_MODEL: dict[str, str] = {"weaktr": "weaktr", "weaktr_fused": "weaktr", "ccam": "ccam",
-                                  "class_specific_ccam": "class_specific_ccam"}
+                                  "class_specific_ccam": "class_specific_ccam", "recam": "recam"}
+# Other models a method also runs on: classic CAM reads the BCE head a ReCAM classifier trains too (an ablation).
+ALSO_RUNS_ON: dict[str, tuple[str, ...]] = {"cam": ("recam",)}
 
 
 def required_model(method: str) -> str:
     """The `train_cls.model` that CAM method `method` needs."""
     return REQUIRED_MODEL.get(method, "cam_classifier")
+
+
+def compatible_models(method: str) -> tuple[str, ...]:
+    """Every `train_cls.model` CAM method `method` runs on, the one it is trained for first."""
+    return (required_model(method), *ALSO_RUNS_ON.get(method, ()))
 
 
 def build_cam_method(name: str, classifier: nn.Module, cam_cfg: Optional[object] = None) -> CamMethod:

@@ -42,10 +42,11 @@ def classifier_models() -> dict:
     forward(x, targets) -> loss and loss_and_logits(x, y))."""
     from weakseg.cams.ccam import CCAMNet
     from weakseg.cams.class_specific import ClassSpecificCCAMNet
+    from weakseg.cams.recam import ReCAMClassifier
     from weakseg.cams.weaktr import WeakTrNet
 
     return {"cam_classifier": CamClassifier, "weaktr": WeakTrNet, "ccam": CCAMNet,
-            "class_specific_ccam": ClassSpecificCCAMNet}
+            "class_specific_ccam": ClassSpecificCCAMNet, "recam": ReCAMClassifier}
 
 
 def build_classifier(ctx_or_cfg, num_foreground: int, pretrained: bool | None = None):
@@ -58,11 +59,11 @@ def build_classifier(ctx_or_cfg, num_foreground: int, pretrained: bool | None = 
 
 def check_model_for_method(cfg) -> None:
     """cams.method and train_cls.model must agree (checked before training, not after it)."""
-    from weakseg.cams.methods import required_model
+    from weakseg.cams.methods import compatible_models
 
-    need = required_model(cfg.cams.method)
-    if cfg.train_cls.model != need:
-        raise ConfigError(f"cams.method={cfg.cams.method} needs train_cls.model={need} "
+    allowed = compatible_models(cfg.cams.method)
+    if cfg.train_cls.model not in allowed:
+        raise ConfigError(f"cams.method={cfg.cams.method} needs train_cls.model={' or '.join(allowed)} "
                           f"(got train_cls.model={cfg.train_cls.model})")
     if cfg.train_cls.ecs and cfg.train_cls.model != "ccam":
         raise ConfigError("train_cls.ecs trains CCAM (train_cls.model=ccam); for ECS on CAMs use cams.ecs=true")
@@ -107,7 +108,7 @@ def run(ctx: StageContext) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_classifier(ctx, ds.num_classes - 1)
     init_info = init_backbone_from(model, resolve_init_from(tc.init_from, cfg.runs_dir)) if tc.init_from else {}
-    own_loss = not isinstance(model, CamClassifier)  # WeakTr / CCAM: forward(x, targets) returns their loss
+    own_loss = type(model) is not CamClassifier  # WeakTr / CCAM / ReCAM: forward(x, targets) returns their loss
     normalize = _normalizer(model)
     train_set = ClassificationDataset(ds, train_idx, tc.image_size, train=True, seed=cfg.seed)
     val_set = ClassificationDataset(ds, val_idx, tc.image_size, train=False)
