@@ -109,3 +109,75 @@ def test_trained_recam_maps_peak_on_their_own_class_object():
                 total += 1
                 hits += int(cover[i, k].flatten()[maps[i, k].flatten().argmax()] > 0)
     assert total >= 12 and hits >= 0.8 * total, f"ReCAM peaks on its own object in {hits} / {total} cases"
+
+
+def test_init_from_starts_the_backbone_and_the_bce_head_from_a_cam_classifier_run(tmp_path):
+    from weakseg.models.classifier import CamClassifier
+    from weakseg.train.classifier import init_backbone_from
+    from weakseg.train.loop import save_checkpoint
+
+    torch.manual_seed(3)
+    source = CamClassifier.from_config(ClsTrainCfg(backbone="test_efficientnet", pretrained=False), 4)
+    save_checkpoint(tmp_path / "model.pt", {"model": source.state_dict(), "epoch": 1})
+    target = recam_net(4, seed=4)
+    recam_before = target.recam_head.weight.detach().clone()
+    info = init_backbone_from(target, tmp_path / "model.pt")
+    assert info["init_from_head"] == 2 and info["init_from_tensors"] == len(source.backbone.state_dict())
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+    assert torch.equal(target.recam_head.weight, recam_before)  # the softmax head is ReCAM's own, learnt anew
+    with pytest.raises(ConfigError, match="no CAM classifier head of this shape"):
+        init_backbone_from(recam_net(3), tmp_path / "model.pt")
+
+
+def test_the_recam_map_is_the_bce_cam_with_channels_reweighted_by_the_softmax_head():
+    net = recam_net(3).eval()
+    with torch.no_grad():
+        net.recam_head.weight.normal_()
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+        logits, maps = build_cam_method("recam", net).maps(x)
+        feats = net.backbone.forward_features(x)
+        w = net.recam_head.weight[:, :, 0, 0] * net.head.weight[:, :, 0, 0]  # (C, D)
+        torch.testing.assert_close(maps, torch.relu(torch.einsum("cd,bdhw->bchw", w, feats)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits, net(x), atol=1e-5, rtol=1e-5)
+        softmax_head_alone = torch.relu(torch.einsum("cd,bdhw->bchw", net.recam_head.weight[:, :, 0, 0], feats))
+        assert not torch.allclose(maps, softmax_head_alone, atol=1e-3)
+
+
+def test_train_cls_trains_a_bce_classifier_then_fine_tunes_it_as_recam(tmp_path, monkeypatch):
+    """ReCAM's schedule in one train-cls stage (train_cls.recam_epochs): phase 2 starts from phase 1's model.pt."""
+    from pathlib import Path
+
+    import weakseg.train.classifier as train_cls
+    from weakseg.io import read_json
+    from weakseg.pipeline import run_stages
+    from weakseg.train.loop import load_checkpoint
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [
+        "name=e2e", f"runs_dir={tmp_path}", "device=cpu", "data.demo_train=16", "data.demo_test=4",
+        "data.demo_size=64", "train_cls.pretrained=false", "train_cls.backbone=test_efficientnet",
+        "train_cls.batch_size=8", "train_cls.image_size=64", "cams.scales=[1.0]", "train_cls.model=recam",
+        "cams.method=recam", "train_cls.epochs=2", "train_cls.lr=0.002", "train_cls.recam_epochs=1",
+        "train_cls.recam_lr=0.0003"])
+    calls, real = [], train_cls._fit_classifier
+
+    def spy(ctx, model, ds, train_idx, val_idx, epochs, lr, out=None):
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        calls.append((type(model).__name__, epochs, lr, out, start))
+        return real(ctx, model, ds, train_idx, val_idx, epochs, lr, out)
+
+    monkeypatch.setattr(train_cls, "_fit_classifier", spy)
+    results = run_stages(cfg, ["train-cls", "cams"])
+    assert results["train-cls"]["status"] == results["cams"]["status"] == "ran"
+    stage = tmp_path / "e2e" / "train-cls"
+    assert [c[:4] for c in calls] == [("CamClassifier", 2, 0.002, stage / "bce"), ("ReCAMClassifier", 1, 0.0003, None)]
+    phase1 = load_checkpoint(stage / "bce" / "model.pt")["model"]
+    assert all(torch.equal(calls[1][4][k], v) for k, v in phase1.items())  # backbone and BCE head carried over
+    final = load_checkpoint(stage / "model.pt")["model"]
+    assert "recam_head.weight" in final and not torch.equal(final["head.weight"], phase1["head.weight"])
+    metrics = read_json(stage / "metrics.json")
+    assert metrics["bce_phase"]["best_epoch"] in (1, 2) and metrics["best_epoch"] == 1
+    assert metrics["recam_init"]["init_from_head"] == 2
+    assert len(list((tmp_path / "e2e" / "cams" / "cams").glob("*.npz"))) == 16
+    with pytest.raises(ConfigError, match="recam_epochs"):
+        check_model_for_method(load_config(None, ["train_cls.recam_epochs=2"]))

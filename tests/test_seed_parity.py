@@ -298,6 +298,7 @@ def test_late_keys_leave_existing_fingerprints_alone_until_set():
     full = dataclasses.asdict(cfg)
     for section, key in (("train_cls", "ccam_backbone"), ("train_cls", "init_from"),
                          ("train_cls", "weaktr_token_init"), ("train_cls", "recam_loss_weight"),
+                         ("train_cls", "recam_epochs"), ("train_cls", "recam_lr"),
                          ("train_seg", "infer_window"),
                          ("train_seg", "infer_window_overlap"), ("train_seg", "encoder_from_classifier"),
                          ("train_seg", "calibration"), ("train_seg", "self_training_rounds"),

@@ -113,6 +113,11 @@ class ClsTrainCfg:
     # recam: weight of ReCAM's softmax cross-entropy on CAM-weighted features beside the BCE (weakseg.cams.recam);
     # 1.0, chosen a priori (both terms at equal weight), not tuned.
     recam_loss_weight: float = field(default=1.0, metadata=LATE)
+    # recam: ReCAM's schedule. With recam_epochs > 0, train-cls first trains a plain CAM classifier (BCE) for
+    # `epochs` at `lr`, then fine-tunes it as ReCAM (backbone and BCE head kept, softmax head new) for
+    # recam_epochs at recam_lr. 0 = both losses jointly from the start (VOC: it ruins the CAMs, docs/results.md).
+    recam_epochs: int = field(default=0, metadata=LATE)
+    recam_lr: float = field(default=5e-4, metadata=LATE)
 
 
 @dataclass

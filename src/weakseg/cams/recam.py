@@ -22,7 +22,13 @@ from weakseg.models.classifier import CamClassifier
 
 
 class ReCAMClassifier(CamClassifier):
-    """A CamClassifier (GAP + 1x1 head, trained with BCE) plus ReCAM's softmax head `recam_head` (no bias)."""
+    """A CamClassifier (GAP + 1x1 head, trained with BCE) plus ReCAM's softmax head `recam_head` (no bias).
+
+    ReCAM fine-tunes a trained CAM classifier: with `train_cls.init_from` its backbone *and* BCE head start from
+    that run (`fine_tunes_a_cam_classifier`); without it both losses train jointly from the start.
+    """
+
+    fine_tunes_a_cam_classifier = True
 
     def __init__(self, backbone: Backbone, num_classes: int, recam_loss_weight: float = 1.0):
         if num_classes < 2:
@@ -66,10 +72,16 @@ class ReCAMClassifier(CamClassifier):
         return self.loss_and_logits(x, y)[0]
 
     def forward_with_recam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass -> (BCE-head logits (B, C), raw ReCAM maps (B, C, h, w) of the softmax head)."""
+        """One pass -> (BCE-head logits (B, C), raw ReCAM maps (B, C, h, w)).
+
+        ReCAM_k = sum_d W_re[k, d] W_bce[k, d] F_d: the BCE head's CAM with each channel re-weighted by the softmax
+        head. The softmax head alone is free to add any per-class constant (a softmax ignores it), so its own maps
+        need not be low on the background; the product keeps the BCE head's localisation.
+        """
         feats = self.backbone.forward_features(x)
-        logits = F.conv2d(feats, self.head.weight).mean(dim=(2, 3)) + self.head.bias
-        return logits, F.conv2d(feats, self.recam_head.weight)
+        cam = F.conv2d(feats, self.head.weight)
+        logits = cam.mean(dim=(2, 3)) + self.head.bias
+        return logits, F.conv2d(feats, self.recam_head.weight * self.head.weight)
 
     def param_groups(self, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict]:
         groups = super().param_groups(lr, backbone_lr_scale, weight_decay)
@@ -78,7 +90,7 @@ class ReCAMClassifier(CamClassifier):
 
 
 class ReCAM(CamMethod):
-    """ReLU of the ReCAM head's maps on a trained ReCAMClassifier (logits: its BCE head, for label prediction)."""
+    """ReLU of the re-activated maps of a trained ReCAMClassifier (logits: its BCE head, for label prediction)."""
 
     def __init__(self, classifier: nn.Module):
         super().__init__()

@@ -67,6 +67,9 @@ def check_model_for_method(cfg) -> None:
                           f"(got train_cls.model={cfg.train_cls.model})")
     if cfg.train_cls.ecs and cfg.train_cls.model != "ccam":
         raise ConfigError("train_cls.ecs trains CCAM (train_cls.model=ccam); for ECS on CAMs use cams.ecs=true")
+    if cfg.train_cls.recam_epochs < 0 or (cfg.train_cls.recam_epochs and cfg.train_cls.model != "recam"):
+        raise ConfigError(f"train_cls.recam_epochs={cfg.train_cls.recam_epochs}: the number of ReCAM fine-tuning "
+                          "epochs after the BCE ones, >= 0, and only with train_cls.model=recam")
     if cfg.train_cls.ccam_backbone not in ("frozen", "shared"):
         raise ConfigError(f"train_cls.ccam_backbone={cfg.train_cls.ccam_backbone!r}; valid: frozen, shared")
     if cfg.train_cls.weaktr_token_init not in ("auto", "replicate", "random"):
@@ -83,7 +86,24 @@ def init_backbone_from(model, path: Path) -> dict:
     copied = load_classifier_backbone(path, model.backbone, "train_cls.init_from", "backbone tensors of "
                                       "train_cls.backbone (same backbone name and output_stride needed)")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return {"init_from": str(path), "init_from_sha256": digest, "init_from_tensors": copied}
+    info = {"init_from": str(path), "init_from_sha256": digest, "init_from_tensors": copied}
+    if getattr(model, "fine_tunes_a_cam_classifier", False):
+        info["init_from_head"] = load_cam_head(model, path)
+    return info
+
+
+def load_cam_head(model, path: Path) -> int:
+    """Copy a CAM classifier checkpoint's `head.*` (its BCE 1x1 head) into `model.head`; their shapes must agree."""
+    state = load_checkpoint(path)["model"]
+    own = model.head.state_dict()
+    found = {k: state.get(f"head.{k}") for k in own}
+    bad = [k for k, v in found.items() if v is None or tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ConfigError(f"train_cls.init_from: {path} has no CAM classifier head of this shape "
+                          f"(head.{', head.'.join(bad)}; train_cls.model={model.__class__.__name__} fine-tunes a "
+                          "cam_classifier run with the same classes)")
+    model.head.load_state_dict(found)
+    return len(found)
 
 def load_classifier(ctx: StageContext):
     """The trained classifier of this run (architecture from the config, weights from train-cls/model.pt)."""
@@ -106,8 +126,42 @@ def run(ctx: StageContext) -> dict:
     check_no_empty_class(ds, cfg.data)
     check_model_for_method(cfg)
     torch.manual_seed(cfg.seed)
-    model = build_classifier(ctx, ds.num_classes - 1)
-    init_info = init_backbone_from(model, resolve_init_from(tc.init_from, cfg.runs_dir)) if tc.init_from else {}
+    init_path = resolve_init_from(tc.init_from, cfg.runs_dir) if tc.init_from else None
+    phases = {}
+    if tc.model == "recam" and tc.recam_epochs > 0:
+        # ReCAM's schedule: a plain BCE CAM classifier first (its own folder, so a killed run resumes either
+        # phase), then the ReCAM fine-tuning from its selected weights.
+        first = CamClassifier.from_config(tc, ds.num_classes - 1)
+        init_info = init_backbone_from(first, init_path) if init_path else {}
+        bce = _fit_classifier(ctx, first, ds, train_idx, val_idx, tc.epochs, tc.lr, ctx.out / "bce")
+        phases["bce_phase"] = {k: bce[k] for k in ("best_epoch", "val_loss", "val_mAP", "train_seconds")}
+        model = build_classifier(ctx, ds.num_classes - 1)
+        phases["recam_init"] = init_backbone_from(model, ctx.out / "bce" / "model.pt")
+        result = _fit_classifier(ctx, model, ds, train_idx, val_idx, tc.recam_epochs, tc.recam_lr)
+        result["train_seconds"] = round(result["train_seconds"] + bce["train_seconds"], 1)
+    else:
+        model = build_classifier(ctx, ds.num_classes - 1)
+        init_info = init_backbone_from(model, init_path) if init_path else {}
+        result = _fit_classifier(ctx, model, ds, train_idx, val_idx, tc.epochs, tc.lr)
+    own_loss = type(model) is not CamClassifier
+    return {
+        "selection": ("lowest validation BCE on image-level labels (no pixel labels)" if not own_loss else
+                      f"lowest validation {tc.model} training loss on image-level labels (no pixel labels)"),
+        **init_info,
+        **phases,
+        "model": tc.model,
+        **result,
+        "train_images": len(train_idx),
+        "val_images": len(val_idx),
+        "skipped_images": len(ds.skipped),
+    }
+
+
+def _fit_classifier(ctx: StageContext, model, ds, train_idx: list[int], val_idx: list[int], epochs: int, lr: float,
+                    out: Path | None = None) -> dict:
+    """Train `model` on the image labels with its own loss (BCE for a plain CamClassifier); keep the epoch of lowest
+    held-out loss as `out`/model.pt (default: the stage folder). -> best epoch, its val loss / mAP, seconds."""
+    cfg, tc = ctx.cfg, ctx.cfg.train_cls
     own_loss = type(model) is not CamClassifier  # WeakTr / CCAM / ReCAM: forward(x, targets) returns their loss
     normalize = _normalizer(model)
     train_set = ClassificationDataset(ds, train_idx, tc.image_size, train=True, seed=cfg.seed)
@@ -144,23 +198,16 @@ def run(ctx: StageContext) -> dict:
         special = ClassSpecificTraining(ctx, model, ds, train_idx, val_idx, normalize)
         train_set, loss_fn, validate, batch_fn = special.train_set, special.loss_fn, special.validate, special.batches
 
-    optimizer = torch.optim.AdamW(model.param_groups(tc.lr, tc.backbone_lr_scale, tc.weight_decay))
+    optimizer = torch.optim.AdamW(model.param_groups(lr, tc.backbone_lr_scale, tc.weight_decay))
     t0 = time.time()
-    result = fit(ctx, model, train_set, loss_fn, optimizer, tc.epochs, tc.batch_size, cfg.seed, validate=validate,
-                 num_workers=tc.num_workers, checkpoint_every=tc.checkpoint_every, batch_fn=batch_fn)
-    extra = {**init_info, **(special.finish(result) if special is not None else {})}
+    result = fit(ctx, model, train_set, loss_fn, optimizer, epochs, tc.batch_size, cfg.seed, validate=validate,
+                 num_workers=tc.num_workers, checkpoint_every=tc.checkpoint_every, batch_fn=batch_fn, out=out)
     best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
     return {
-        "selection": ("lowest validation BCE on image-level labels (no pixel labels)" if not own_loss else
-                      f"lowest validation {tc.model} training loss on image-level labels (no pixel labels)"),
-        **extra,
-        "model": tc.model,
+        **(special.finish(result) if special is not None else {}),
         "best_epoch": result.best_epoch,
         "val_loss": best.get("val_loss"),
         "val_mAP": best.get("val_mAP"),
-        "train_images": len(train_idx),
-        "val_images": len(val_idx),
-        "skipped_images": len(ds.skipped),
         "train_seconds": round(time.time() - t0, 1),
     }
 
