@@ -4,7 +4,8 @@ The multi-label BCE of a CAM classifier lets a class keep only its most discrimi
 co-occurring classes share activations. ReCAM adds a second 1x1 head trained with a *softmax* cross-entropy on
 class-weighted features: for every class k an image carries, its max-normalised CAM weights the feature map,
 the weighted map is averaged over positions and the second head must name k among all C classes. At
-inference the CAMs are that second head's maps on the same features ("re-activated" CAMs).
+inference the "re-activated" CAM of class k is the BCE head's CAM with each channel re-weighted by the second
+head's weights for k: ReLU(conv2d(F, W_re * W_bce)).
 
     loss = BCE(logits, y) + w * (1/B) sum_b mean_{k in y_b} CE(W_re . mean_hw(norm(CAM_k) * F), k)
 """

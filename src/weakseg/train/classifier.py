@@ -105,6 +105,7 @@ def load_cam_head(model, path: Path) -> int:
     model.head.load_state_dict(found)
     return len(found)
 
+
 def load_classifier(ctx: StageContext):
     """The trained classifier of this run (architecture from the config, weights from train-cls/model.pt)."""
     ds_classes = len(build_dataset(ctx.cfg.data, ctx.cfg.data.train_split).class_names) - 1
