@@ -52,11 +52,15 @@ class ReCAMClassifier(CamClassifier):
             return super().forward(x)
         return self.loss_and_logits(x, targets)[0]
 
+    def _features_cam_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> features (B, D, h, w), the BCE head's raw CAM (B, C, h, w) and its logits (B, C) = GAP(CAM) + bias."""
+        feats = self.backbone.forward_features(x)
+        cam = F.conv2d(feats, self.head.weight)
+        return feats, cam, cam.mean(dim=(2, 3)) + self.head.bias
+
     def loss_and_logits(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """BCE + recam_loss_weight * ReCAM's softmax CE (module docstring), and the (B, C) BCE-head logits."""
-        feats = self.backbone.forward_features(x)  # (B, D, h, w)
-        cam = F.conv2d(feats, self.head.weight)  # (B, C, h, w)
-        logits = cam.mean(dim=(2, 3)) + self.head.bias
+        feats, cam, logits = self._features_cam_logits(x)
         bce = F.binary_cross_entropy_with_logits(logits, y)
         present = y > 0.5  # an image without labels adds no pair (the head stays in the graph for DDP)
         weights = max_normalize(torch.relu(cam))
@@ -79,9 +83,7 @@ class ReCAMClassifier(CamClassifier):
         head. The softmax head alone is free to add any per-class constant (a softmax ignores it), so its own maps
         need not be low on the background; the product keeps the BCE head's localisation.
         """
-        feats = self.backbone.forward_features(x)
-        cam = F.conv2d(feats, self.head.weight)
-        logits = cam.mean(dim=(2, 3)) + self.head.bias
+        feats, _, logits = self._features_cam_logits(x)
         return logits, F.conv2d(feats, self.recam_head.weight * self.head.weight)
 
     def param_groups(self, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict]:

@@ -144,10 +144,7 @@ def run(ctx: StageContext) -> dict:
         model = build_classifier(ctx, ds.num_classes - 1)
         init_info = init_backbone_from(model, init_path) if init_path else {}
         result = _fit_classifier(ctx, model, ds, train_idx, val_idx, tc.epochs, tc.lr)
-    own_loss = type(model) is not CamClassifier
     return {
-        "selection": ("lowest validation BCE on image-level labels (no pixel labels)" if not own_loss else
-                      f"lowest validation {tc.model} training loss on image-level labels (no pixel labels)"),
         **init_info,
         **phases,
         "model": tc.model,
@@ -205,7 +202,9 @@ def _fit_classifier(ctx: StageContext, model, ds, train_idx: list[int], val_idx:
                  num_workers=tc.num_workers, checkpoint_every=tc.checkpoint_every, batch_fn=batch_fn, out=out)
     best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
     return {
-        **(special.finish(result) if special is not None else {}),
+        "selection": ("lowest validation BCE on image-level labels (no pixel labels)" if not own_loss else
+                      f"lowest validation {tc.model} training loss on image-level labels (no pixel labels)"),
+        **(special.finish(result) if special is not None else {}),  # may state its own selection
         "best_epoch": result.best_epoch,
         "val_loss": best.get("val_loss"),
         "val_mAP": best.get("val_mAP"),
