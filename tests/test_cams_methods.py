@@ -221,6 +221,10 @@ class TestReCAM(CamMethodTester):
     method, backbone = "recam", "test_efficientnet"
 
 
+class TestReCAMBlend(CamMethodTester):
+    method, backbone = "recam_blend", "test_efficientnet"
+
+
 def test_every_registered_method_has_a_tester():
     tested = {cls.method for cls in CamMethodTester.__subclasses__()}
     assert tested == set(METHODS)

@@ -58,15 +58,19 @@ def test_one_foreground_class_is_rejected_and_methods_pair_with_models():
     with pytest.raises(ConfigError, match="at least 2 foreground classes"):
         recam_net(1)
     assert compatible_models("recam") == ("recam",) and compatible_models("cam") == ("cam_classifier", "recam")
+    assert compatible_models("recam_blend") == ("recam",)
     check_model_for_method(load_config(None, ["train_cls.model=recam", "cams.method=recam"]))
     check_model_for_method(load_config(None, ["train_cls.model=recam", "cams.method=cam"]))  # the BCE head's CAM
     with pytest.raises(ConfigError, match="cams.method=recam needs train_cls.model=recam"):
         check_model_for_method(load_config(None, ["cams.method=recam"]))
-    with pytest.raises(TypeError, match="train_cls.model=recam"):
-        from weakseg.models.classifier import CamClassifier
+    with pytest.raises(ConfigError, match="cams.method=recam_blend needs train_cls.model=recam"):
+        check_model_for_method(load_config(None, ["cams.method=recam_blend"]))
+    from weakseg.models.classifier import CamClassifier
 
-        build_cam_method("recam", CamClassifier.from_config(ClsTrainCfg(backbone="test_efficientnet",
-                                                                         pretrained=False), 2))
+    plain = CamClassifier.from_config(ClsTrainCfg(backbone="test_efficientnet", pretrained=False), 2)
+    for method in ("recam", "recam_blend"):
+        with pytest.raises(TypeError, match=f"cams.method={method} needs train_cls.model=recam"):
+            build_cam_method(method, plain)
 
 
 def two_object_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,6 +146,23 @@ def test_the_recam_map_is_the_bce_cam_with_channels_reweighted_by_the_softmax_he
         torch.testing.assert_close(logits, net(x), atol=1e-5, rtol=1e-5)
         softmax_head_alone = torch.relu(torch.einsum("cd,bdhw->bchw", net.recam_head.weight[:, :, 0, 0], feats))
         assert not torch.allclose(maps, softmax_head_alone, atol=1e-3)
+
+
+def test_the_blend_is_the_mean_of_the_max_normalised_recam_map_and_bce_cam():
+    net = recam_net(3).eval()
+    with torch.no_grad():
+        net.recam_head.weight.normal_()
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+        logits, blend = build_cam_method("recam_blend", net).maps(x)
+        _, cam = build_cam_method("cam", net).maps(x)
+        _, recam = build_cam_method("recam", net).maps(x)
+        per_map_max = lambda m: m / m.amax(dim=(2, 3), keepdim=True).clamp(min=1e-5)  # noqa: E731
+        torch.testing.assert_close(blend, (per_map_max(cam) + per_map_max(recam)) / 2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits, net(x), atol=1e-5, rtol=1e-5)
+        assert blend.amax() <= 1.0 + 1e-5
+        # a real mixture: neither normalised map alone
+        assert not torch.allclose(blend, per_map_max(cam), atol=1e-2)
+        assert not torch.allclose(blend, per_map_max(recam), atol=1e-2)
 
 
 def test_train_cls_trains_a_bce_classifier_then_fine_tunes_it_as_recam(tmp_path, monkeypatch):

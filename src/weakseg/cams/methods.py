@@ -20,7 +20,7 @@ from weakseg.cams.ccam import CCAMNet, ClassAgnosticCAM
 from weakseg.cams.class_specific import ClassSpecificCAM, ClassSpecificCCAMNet
 from weakseg.cams.ecs import ErasedCamSupervision
 from weakseg.cams.finecam import FineCAM
-from weakseg.cams.recam import ReCAM
+from weakseg.cams.recam import ReCAM, ReCAMBlend
 from weakseg.cams.weaktr import WeakTrCAM, WeakTrNet, weaktr_fused
 
 
@@ -46,11 +46,13 @@ METHODS: dict[str, Callable[[nn.Module], CamMethod]] = {
     "ccam": ClassAgnosticCAM,
     "class_specific_ccam": ClassSpecificCAM,
     "recam": ReCAM,
+    "recam_blend": ReCAMBlend,
 }
 
 # train_cls.model each method needs (methods not listed use the default CamClassifier).
 REQUIRED_MODEL: dict[str, str] = {"weaktr": "weaktr", "weaktr_fused": "weaktr", "ccam": "ccam",
-                                  "class_specific_ccam": "class_specific_ccam", "recam": "recam"}
+                                  "class_specific_ccam": "class_specific_ccam", "recam": "recam",
+                                  "recam_blend": "recam"}
 # Other models a method also runs on: classic CAM reads the BCE head a ReCAM classifier trains too (an ablation).
 ALSO_RUNS_ON: dict[str, tuple[str, ...]] = {"cam": ("recam",)}
 

@@ -76,15 +76,15 @@ class ReCAMClassifier(CamClassifier):
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_and_logits(x, y)[0]
 
-    def forward_with_recam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass -> (BCE-head logits (B, C), raw ReCAM maps (B, C, h, w)).
+    def forward_with_cam_and_recam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass -> (BCE-head logits (B, C), raw BCE CAMs (B, C, h, w), raw ReCAM maps (B, C, h, w)).
 
         ReCAM_k = sum_d W_re[k, d] W_bce[k, d] F_d: the BCE head's CAM with each channel re-weighted by the softmax
         head. The softmax head alone is free to add any per-class constant (a softmax ignores it), so its own maps
         need not be low on the background; the product keeps the BCE head's localisation.
         """
-        feats, _, logits = self._features_cam_logits(x)
-        return logits, F.conv2d(feats, self.recam_head.weight * self.head.weight)
+        feats, cam, logits = self._features_cam_logits(x)
+        return logits, cam, F.conv2d(feats, self.recam_head.weight * self.head.weight)
 
     def param_groups(self, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict]:
         groups = super().param_groups(lr, backbone_lr_scale, weight_decay)
@@ -95,12 +95,25 @@ class ReCAMClassifier(CamClassifier):
 class ReCAM(CamMethod):
     """ReLU of the re-activated maps of a trained ReCAMClassifier (logits: its BCE head, for label prediction)."""
 
+    name = "recam"
+
     def __init__(self, classifier: nn.Module):
         super().__init__()
         if not isinstance(classifier, ReCAMClassifier):
-            raise TypeError(f"cams.method=recam needs train_cls.model=recam, got {type(classifier).__name__}")
+            raise TypeError(f"cams.method={self.name} needs train_cls.model=recam, got {type(classifier).__name__}")
         self.classifier = classifier
 
     def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cam = self.classifier.forward_with_recam(x)
-        return logits, torch.relu(cam)
+        logits, _, recam = self.classifier.forward_with_cam_and_recam(x)
+        return logits, torch.relu(recam)
+
+
+class ReCAMBlend(ReCAM):
+    """The mean of ReCAM's map and the same classifier's BCE-head CAM, each ReLU'd and max-normalised per map
+    (their scales differ: W_re * W_bce against W_bce), so each contributes equally at every scale and flip."""
+
+    name = "recam_blend"
+
+    def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, cam, recam = self.classifier.forward_with_cam_and_recam(x)
+        return logits, (max_normalize(torch.relu(cam)) + max_normalize(torch.relu(recam))) / 2
