@@ -134,11 +134,18 @@ def test_init_from_starts_the_backbone_and_the_bce_head_from_a_cam_classifier_ru
         init_backbone_from(recam_net(3), tmp_path / "model.pt")
 
 
-def test_the_recam_map_is_the_bce_cam_with_channels_reweighted_by_the_softmax_head():
+def net_with_a_drawn_softmax_head(seed: int) -> tuple[ReCAMClassifier, torch.Tensor]:
+    """A 3-class ReCAM classifier whose softmax head is drawn at unit scale (its init is ~0), and a (2, 3, 64, 64)
+    input batch."""
     net = recam_net(3).eval()
     with torch.no_grad():
         net.recam_head.weight.normal_()
-        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    return net, torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_recam_map_is_the_bce_cam_with_channels_reweighted_by_the_softmax_head():
+    net, x = net_with_a_drawn_softmax_head(seed=2)
+    with torch.no_grad():
         logits, maps = build_cam_method("recam", net).maps(x)
         feats = net.backbone.forward_features(x)
         w = net.recam_head.weight[:, :, 0, 0] * net.head.weight[:, :, 0, 0]  # (C, D)
@@ -149,10 +156,8 @@ def test_the_recam_map_is_the_bce_cam_with_channels_reweighted_by_the_softmax_he
 
 
 def test_the_blend_is_the_mean_of_the_max_normalised_recam_map_and_bce_cam():
-    net = recam_net(3).eval()
+    net, x = net_with_a_drawn_softmax_head(seed=4)
     with torch.no_grad():
-        net.recam_head.weight.normal_()
-        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
         logits, blend = build_cam_method("recam_blend", net).maps(x)
         _, cam = build_cam_method("cam", net).maps(x)
         _, recam = build_cam_method("recam", net).maps(x)
