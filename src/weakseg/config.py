@@ -214,6 +214,9 @@ class SegTrainCfg:
     # (the previous round's selected model, fine-tuned on its own relabelled masks)
     self_training_init: str = field(default="fresh", metadata=LATE)
     self_training_epochs: int = field(default=0, metadata=LATE)  # epochs of each later round; 0 = train_seg.epochs
+    # > 0: keep an exponential moving average of the weights (decay per step) and validate / save it instead of the
+    # trained weights (weakseg.train.loop.fit); 0 = off
+    ema_decay: float = field(default=0.0, metadata=LATE)
     checkpoint_every: int = 0
     infer_size: int = 0  # longer image side at inference; 0 = crop_size
     infer_scales: list[float] = field(default_factory=lambda: [1.0])

@@ -3,7 +3,8 @@
 - deterministic epoch order: batches of epoch e are a permutation drawn from (seed, e), sharded across ranks;
 - checkpoints (model, optimiser, scheduler, epoch, next batch, RNG state) every `checkpoint_every`
   iterations and at every epoch end, written atomically; a killed run resumes from the last one;
-- DDP when launched by torchrun; tqdm and metrics.jsonl on rank 0.
+- DDP when launched by torchrun; tqdm and metrics.jsonl on rank 0;
+- optionally an exponential moving average of the weights (`ema_decay`), which is then what is validated and saved.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def fit(
     checkpoint_every: int = 0,
     batch_fn: Optional[Callable[[int], list[list[int]]]] = None,
     out: Optional[Path] = None,
+    ema_decay: float = 0.0,
 ) -> FitResult:
     """Train `model` for `epochs`; keep the epoch with the lowest `validate(model)[select_key]` as model.pt.
 
@@ -115,7 +117,11 @@ def fit(
     unless the user asked for it (it is given the unwrapped model). `batch_fn(epoch)` replaces the default
     `epoch_batches` (this rank's batches of dataset indices); it must be deterministic in `epoch` so that a
     resumed run draws the same batches. The model and its 4-D inputs run channels-last (`dist.channels_last`).
+    `ema_decay` in (0, 1): after every optimiser step ema = decay * ema + (1 - decay) * weights (buffers too;
+    the first step copies); the EMA weights are validated and written to model.pt, the trained model is left as is.
     """
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
     if batch_fn is None:
         def batch_fn(epoch: int) -> list[list[int]]:
             return epoch_batches(len(dataset), batch_size, seed, epoch)
@@ -132,6 +138,8 @@ def fit(
     dist.warn_loader_oversubscription(ctx.stage, device, num_workers)
     precision = dist.resolve_precision(ctx.cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
+        ema_decay), use_buffers=True) if ema_decay else None)
     start_epoch, start_batch, best = 0, 0, {"epoch": -1, "score": math.inf}
     history: list[dict] = []
     if ckpt_path.exists():
@@ -141,6 +149,11 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            if "ema" not in state:
+                raise CheckpointError(f"{ckpt_path}: written without ema_decay, so it cannot resume a run that averages "
+                                      f"the weights; delete the stage folder to start over")
+            ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
         best = {"epoch": int(state["best_epoch"]), "score": float(state["best_score"])}
@@ -160,7 +173,7 @@ def fit(
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "epoch": epoch, "batch": batch, "best_epoch": best["epoch"], "best_score": best["score"],
-                "history": history,
+                "history": history, **({"ema": ema.state_dict()} if ema is not None else {}),
             })
         dist.barrier()
 
@@ -188,6 +201,8 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
             loss_value = float(loss.detach())
             running += loss_value
@@ -198,18 +213,19 @@ def fit(
             if checkpoint_every and (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):
                 checkpoint(epoch, b + 1)
         record = {"step": step, "epoch": epoch + 1, "epoch_train_loss": running / max(count, 1)}
+        kept = model if ema is None else ema.module  # the weights validated and saved
         if validate is not None:
-            model.eval()
+            kept.eval()
             with torch.inference_mode():
-                record.update(validate(model))
+                record.update(validate(kept))
             score = float(record[select_key])
             if score < best["score"]:
                 best = {"epoch": epoch + 1, "score": score}
                 if dist.is_main_process():
-                    save_checkpoint(out / "model.pt", {"model": model.state_dict(), "epoch": epoch + 1})
+                    save_checkpoint(out / "model.pt", {"model": kept.state_dict(), "epoch": epoch + 1})
         elif dist.is_main_process():
             best = {"epoch": epoch + 1, "score": float("nan")}
-            save_checkpoint(out / "model.pt", {"model": model.state_dict(), "epoch": epoch + 1})
+            save_checkpoint(out / "model.pt", {"model": kept.state_dict(), "epoch": epoch + 1})
         history.append(record)
         ctx.log(record)
         if dist.is_main_process():

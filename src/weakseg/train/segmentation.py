@@ -207,7 +207,7 @@ def run(ctx: StageContext) -> dict:
 
         result = fit(ctx, model, train_set, loss_fn, build_optimizer(model, sc), epochs, sc.batch_size, cfg.seed,
                      validate=validate if len(val_set) else None, select_key=val_key, num_workers=sc.num_workers,
-                     checkpoint_every=sc.checkpoint_every, out=out)
+                     checkpoint_every=sc.checkpoint_every, out=out, ema_decay=sc.ema_decay)
         return result, init_info
 
     t0 = time.time()
@@ -250,6 +250,7 @@ def run(ctx: StageContext) -> dict:
         "loss": sc.loss,
         **({"start_value": sc.start_value, "window_size": sc.window_size} if sc.loss == "gradient_clipping" else {}),
         "selection": selection,
+        **({"ema_decay": sc.ema_decay} if sc.ema_decay else {}),
         "best_epoch": per_round[-1]["best_epoch"],
         val_key: per_round[-1][val_key],
         **({"self_training_rounds": rounds, "self_training_confidence": sc.self_training_confidence,
