@@ -130,3 +130,27 @@ def test_refiner_clipped_loss_covers_every_window_and_drops_outliers_outside_the
     assert loss.item() == pytest.approx(expected)
     top_left_only = math.log(2)  # weaktr-refinery's single-window result
     assert abs(loss.item() - top_left_only) > 0.1
+
+
+@pytest.mark.parametrize("name", ["ce", "gradient_clipping"])
+def test_label_smoothing_moves_eps_of_the_target_onto_every_class_and_ignores_void(name):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, 4, 4))
+    target[0, :2] = 255
+    eps = 0.3
+    log_p = logits.log_softmax(1)
+    labelled = target != 255
+    hard = -log_p.gather(1, target.clamp(max=2)[:, None])[:, 0]
+    uniform = -log_p.mean(1)
+    by_hand = ((1 - eps) * hard + eps * uniform)[labelled]  # eps over the C = 3 classes, the target's included
+    # start_value 0: gradient clipping stays in its warm-up (no clipping), a mean over every pixel, void as 0
+    loss = build_seg_loss(name, start_value=0.0, window_size=2, label_smoothing=eps)(logits, target)
+    if name == "ce":
+        assert loss.item() == pytest.approx(by_hand.mean().item())  # mean over the labelled pixels
+    else:
+        assert loss.item() == pytest.approx(by_hand.sum().item() / target.numel())  # WeakTr's warm-up mean
+    assert build_seg_loss(name, start_value=0.0, window_size=2)(logits, target).item() == pytest.approx(
+        hard[labelled].mean().item() if name == "ce" else hard[labelled].sum().item() / target.numel())
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        build_seg_loss(name, label_smoothing=1.0)

@@ -304,6 +304,7 @@ def test_late_keys_leave_existing_fingerprints_alone_until_set():
                          ("train_seg", "calibration"), ("train_seg", "self_training_rounds"),
                          ("train_seg", "self_training_confidence"), ("train_seg", "self_training_init"),
                          ("train_seg", "self_training_epochs"), ("train_seg", "ema_decay"),
+                         ("train_seg", "label_smoothing"),
                          *(("masks", key) for key in full["masks"] if key.startswith("affinity_")),
                          *(("train_seg", key) for key in full["train_seg"] if key.startswith("infer_crf")),
                          ("masks", "num_workers"),

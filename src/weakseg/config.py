@@ -217,6 +217,9 @@ class SegTrainCfg:
     # > 0: keep an exponential moving average of the weights (decay per step) and validate / save it instead of the
     # trained weights (weakseg.train.loop.fit); 0 = off
     ema_decay: float = field(default=0.0, metadata=LATE)
+    # eps > 0: train on (1 - eps) x the pseudo-mask's class + eps / C on every class (torch's label smoothing; the
+    # held-out selection loss stays plain CE)
+    label_smoothing: float = field(default=0.0, metadata=LATE)
     checkpoint_every: int = 0
     infer_size: int = 0  # longer image side at inference; 0 = crop_size
     infer_scales: list[float] = field(default_factory=lambda: [1.0])

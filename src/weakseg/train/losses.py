@@ -37,9 +37,13 @@ def window_means(x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tens
     return per_pixel, means
 
 
-def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """logits (B, C, H, W), target (B, H, W) int -> per-pixel CE (B, H, W), ignored pixels 0."""
-    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                        label_smoothing: float = 0.0) -> torch.Tensor:
+    """logits (B, C, H, W), target (B, H, W) int -> per-pixel CE (B, H, W), ignored pixels 0.
+
+    label_smoothing eps: the target is (1 - eps) on its class + eps / C on every class (torch's definition)."""
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing)
 
 
 def gradient_clipping_loss(pixel_loss: torch.Tensor, start_value: float, window_size: int) -> torch.Tensor:
@@ -63,33 +67,38 @@ def gradient_clipping_loss(pixel_loss: torch.Tensor, start_value: float, window_
 class GradientClippingLoss(nn.Module):
     """CE + WeakTr gradient clipping: forward(logits (B, C, H, W), target (B, H, W), 255 ignored) -> scalar."""
 
-    def __init__(self, start_value: float = 1.2, window_size: int = 120, ignore_index: int = IGNORE_INDEX):
+    def __init__(self, start_value: float = 1.2, window_size: int = 120, ignore_index: int = IGNORE_INDEX,
+                 label_smoothing: float = 0.0):
         super().__init__()
         self.start_value, self.window_size, self.ignore_index = start_value, window_size, ignore_index
+        self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return gradient_clipping_loss(pixel_cross_entropy(logits, target, self.ignore_index), self.start_value,
-                                      self.window_size)
+        return gradient_clipping_loss(pixel_cross_entropy(logits, target, self.ignore_index, self.label_smoothing),
+                                      self.start_value, self.window_size)
 
 
 class CrossEntropy(nn.Module):
-    """Plain CE with 255 ignored: forward(logits (B, C, H, W), target (B, H, W)) -> scalar."""
+    """CE with 255 ignored, mean over the labelled pixels: forward(logits (B, C, H, W), target (B, H, W)) -> scalar."""
 
-    def __init__(self, ignore_index: int = IGNORE_INDEX):
+    def __init__(self, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0):
         super().__init__()
-        self.ignore_index = ignore_index
+        self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, target, ignore_index=self.ignore_index)
+        return F.cross_entropy(logits, target, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing)
 
 
-def build_seg_loss(name: str, start_value: float = 1.2, window_size: int = 120, crop_size: int = 0) -> nn.Module:
-    """`train_seg.loss` -> a loss module; checks the crop/window divisibility up front."""
+def build_seg_loss(name: str, start_value: float = 1.2, window_size: int = 120, crop_size: int = 0,
+                   label_smoothing: float = 0.0) -> nn.Module:
+    """`train_seg.loss` -> a loss module; checks the crop/window divisibility and the smoothing up front."""
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"train_seg.label_smoothing must be in [0, 1), got {label_smoothing}")
     if name == "ce":
-        return CrossEntropy()
+        return CrossEntropy(label_smoothing=label_smoothing)
     if name == "gradient_clipping":
         if crop_size and crop_size % window_size:
             raise ValueError(f"train_seg.loss=gradient_clipping needs train_seg.crop_size ({crop_size}) divisible by "
                              f"train_seg.window_size ({window_size})")
-        return GradientClippingLoss(start_value, window_size)
+        return GradientClippingLoss(start_value, window_size, label_smoothing=label_smoothing)
     raise ValueError(f"unknown train_seg.loss {name!r}; valid names: ce, gradient_clipping")

@@ -152,7 +152,7 @@ def run(ctx: StageContext) -> dict:
         raise ValueError("train_seg.self_training_rounds relabels pseudo-masks; it has no meaning with targets=gt")
     ds = seg_dataset(cfg.data, cfg.data.train_split)
     train_idx, val_idx = train_val_indices(len(ds), cfg.data.val_fraction, cfg.seed)
-    criterion = build_seg_loss(sc.loss, sc.start_value, sc.window_size, sc.crop_size)
+    criterion = build_seg_loss(sc.loss, sc.start_value, sc.window_size, sc.crop_size, sc.label_smoothing)
     mask_dir = None
     if sc.targets == "gt":
         if sc.gt_ratio > 0:
@@ -251,6 +251,7 @@ def run(ctx: StageContext) -> dict:
         **({"start_value": sc.start_value, "window_size": sc.window_size} if sc.loss == "gradient_clipping" else {}),
         "selection": selection,
         **({"ema_decay": sc.ema_decay} if sc.ema_decay else {}),
+        **({"label_smoothing": sc.label_smoothing} if sc.label_smoothing else {}),
         "best_epoch": per_round[-1]["best_epoch"],
         val_key: per_round[-1][val_key],
         **({"self_training_rounds": rounds, "self_training_confidence": sc.self_training_confidence,
