@@ -216,6 +216,28 @@ def test_train_seg_fully_supervised_baseline_needs_no_pseudo_masks(tmp_path):
         run_train_seg(tmp_path, ["train_seg.targets=gt", "train_seg.gt_ratio=0.1"], pseudo=False)
 
 
+def test_train_seg_passes_its_weight_average_and_label_smoothing_to_the_loop_and_the_loss(tmp_path, monkeypatch):
+    from weakseg.train import segmentation
+
+    seen = {}
+
+    def spy(name, real):
+        def call(*args, **kwargs):
+            result = real(*args, **kwargs)
+            seen[name] = (args, kwargs, result)
+            return result
+        monkeypatch.setattr(segmentation, name, call)
+
+    spy("fit", segmentation.fit)
+    spy("build_seg_loss", segmentation.build_seg_loss)
+    _, _, metrics = run_train_seg(tmp_path, ["train_seg.ema_decay=0.9", "train_seg.label_smoothing=0.2"])
+    assert seen["fit"][1]["ema_decay"] == 0.9
+    assert seen["build_seg_loss"][2].label_smoothing == 0.2
+    assert metrics["ema_decay"] == 0.9 and metrics["label_smoothing"] == 0.2
+    _, _, plain = run_train_seg(tmp_path / "plain", [])
+    assert "ema_decay" not in plain and "label_smoothing" not in plain
+
+
 def test_gradient_clipping_needs_a_crop_divisible_by_the_window(tmp_path):
     with pytest.raises(ValueError, match="divisible"):
         run_train_seg(tmp_path, ["train_seg.loss=gradient_clipping", "train_seg.window_size=120"])
