@@ -140,7 +140,14 @@ class MaskCfg:
     """Stage 3: CAMs -> pseudo-masks."""
 
     method: str = "threshold"  # threshold | crf | refiner | fusion | fusion_crf | affinity | affinity_crf (MAKERS)
-    bg_threshold: float = -1.0  # < 0: chosen label-free (Otsu on the pooled CAM histogram)
+    bg_threshold: float = -1.0  # < 0: chosen label-free by bg_threshold_rule
+    # How a label-free threshold is chosen (bg_threshold < 0). otsu: Otsu on the pooled top-CAM histogram.
+    # area_match: CAMs made at a larger cams.image_size than the classifier trained at are peakier, and Otsu then
+    # keeps too little foreground (VOC: docs/results.md). The foreground share is taken instead from Otsu on the
+    # same CAMs made at the classifier's own train_cls.image_size for a seeded subset of area_match_images
+    # training images, and the threshold is the one that keeps that share of the stored CAMs' pixels.
+    bg_threshold_rule: str = field(default="otsu", metadata=LATE)
+    area_match_images: int = field(default=500, metadata=LATE)
     ignore_low: float = -1.0  # ignore band [low, high) around the threshold written as 255; < 0 = off
     ignore_high: float = -1.0
     # worker processes making masks in parallel (CRF is single-threaded); 0 = in-process

@@ -115,6 +115,29 @@ def cam_input_size(ctx: StageContext) -> int:
     return ctx.cfg.cams.image_size or ctx.cfg.train_cls.image_size
 
 
+def top_cam_histogram(ctx: StageContext, ds: WeakSegDataset, indices: list[int], size: int,
+                      bins: int = 100) -> np.ndarray:
+    """(bins,) pooled histogram over [0, 1] of each pixel's top CAM for `indices`, the CAMs made in memory as the
+    stage makes them (method, scales, flip, restriction to the image labels, max-normalisation, stored size)
+    but with the images resized to `size`."""
+    from weakseg.train.classifier import load_classifier
+
+    generator = build_generator(ctx, load_classifier(ctx))
+    precision = dist.resolve_precision(ctx.cfg.precision, ctx.device)
+    loader = torch.utils.data.DataLoader(CamInputs(ds, indices, size), batch_size=ctx.cfg.cams.batch_size)
+    hist = np.zeros(bins, dtype=np.int64)
+    for x, labels, hs, ws, _ in tqdm(loader, desc=f"cams at {size} px", disable=not dist.is_main_process(),
+                                     leave=False, dynamic_ncols=True):
+        with dist.autocast(ctx.device, precision):
+            logits, cams = generator(dist.channels_last(x.to(ctx.device)))
+        for b in range(x.shape[0]):
+            classes = present_classes(labels[b].numpy(), logits[b])
+            cam = finalize_cam(cams[b], classes, store_size(int(hs[b]), int(ws[b]), ctx.cfg.cams.store_stride))
+            if len(cam):
+                hist += np.histogram(cam.max(axis=0), bins=bins, range=(0.0, 1.0))[0]
+    return hist
+
+
 def run(ctx: StageContext) -> dict:
     from weakseg.train.classifier import load_classifier
 

@@ -41,6 +41,50 @@ def choose_threshold(cfg_threshold: float, cam_dir, ids: list[str]) -> tuple[flo
     return otsu_threshold(cam_histogram(cam_dir, ids)), "label-free: Otsu on the pooled top-CAM histogram"
 
 
+THRESHOLD_RULES = ("otsu", "area_match")
+
+
+def share_above(hist: np.ndarray, threshold: float) -> float:
+    """Share of a [0, 1] histogram's pixels at or above `threshold` (a bin edge)."""
+    return float(hist[int(round(threshold * len(hist))):].sum() / max(1, hist.sum()))
+
+
+def threshold_keeping(hist: np.ndarray, share: float) -> float:
+    """The bin edge of a [0, 1] histogram whose share of pixels at or above it is closest to `share`."""
+    above = hist[::-1].cumsum()[::-1] / max(1, hist.sum())
+    return float(np.argmin(np.abs(above - share)) / len(hist))
+
+
+def area_matched_threshold(cam_dir, ids: list[str], reference_hist: np.ndarray) -> tuple[float, dict]:
+    """masks.bg_threshold_rule=area_match: the threshold that keeps, of the pooled top-CAM pixels of `ids`, the
+    foreground share Otsu finds on `reference_hist` (the same CAMs at the classifier's training size)."""
+    reference = otsu_threshold(reference_hist)
+    share = share_above(reference_hist, reference)
+    threshold = threshold_keeping(cam_histogram(cam_dir, ids, bins=1000), share)
+    return threshold, {"reference_otsu": reference, "foreground_share": round(share, 4)}
+
+
+def choose_mask_threshold(ctx: StageContext, ds, cam_dir, ids: list[str]) -> tuple[float, str, dict]:
+    """The masks stage's background threshold -> (threshold, rule, details), by masks.bg_threshold and
+    masks.bg_threshold_rule; no pixel label is read."""
+    mc = ctx.cfg.masks
+    if mc.bg_threshold_rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown masks.bg_threshold_rule {mc.bg_threshold_rule!r}; valid: {', '.join(THRESHOLD_RULES)}")
+    if mc.bg_threshold >= 0 or mc.bg_threshold_rule == "otsu":
+        return (*choose_threshold(mc.bg_threshold, cam_dir, ids), {})
+    from weakseg.cams.generate import top_cam_histogram
+
+    size = ctx.cfg.train_cls.image_size
+    wanted = set(ids)
+    pool = [i for i in range(len(ds)) if ds.ids[i] in wanted]
+    rng = np.random.default_rng(ctx.cfg.seed)
+    subset = sorted(rng.choice(pool, size=min(mc.area_match_images, len(pool)), replace=False).tolist())
+    threshold, details = area_matched_threshold(cam_dir, ids, top_cam_histogram(ctx, ds, subset, size))
+    rule = (f"label-free: the foreground share of Otsu on the CAMs at the classifier's {size} px "
+            f"({len(subset)} seeded training images), kept of the pooled top-CAM histogram")
+    return threshold, rule, {**details, "reference_images": len(subset), "reference_size": size}
+
+
 class MaskJob:
     """One image: CAM file + original RGB -> pseudo-mask PNG; returns its foreground fraction."""
 
@@ -106,14 +150,14 @@ def run(ctx: StageContext) -> dict:
     out_dir = ctx.out / "masks"
     maker = build_mask_maker(cfg.masks)
     maker_metrics = maker.prepare(ctx, ds, cam_dir)  # e.g. trains the refiner, finds the agnostic CAMs
-    rule = "n/a"
+    rule, threshold_details = "n/a", {}
     if maker.needs_threshold:
         threshold_dir = maker.threshold_cam_dir(cam_dir)
-        threshold, rule = choose_threshold(cfg.masks.bg_threshold, threshold_dir, ds.ids) \
-            if dist.is_main_process() else (0.0, "")
+        threshold, rule, threshold_details = choose_mask_threshold(ctx, ds, threshold_dir, ds.ids) \
+            if dist.is_main_process() else (0.0, "", {})
         if threshold_dir != cam_dir:
             rule += f" of {threshold_dir}"
-        threshold, rule = dist.broadcast_object((threshold, rule))
+        threshold, rule, threshold_details = dist.broadcast_object((threshold, rule, threshold_details))
         maker.bg_threshold = threshold
     todo = pending_shard(out_dir, ds.ids, ".png")
     t0 = time.time()
@@ -127,6 +171,7 @@ def run(ctx: StageContext) -> dict:
         "method": cfg.masks.method,
         "bg_threshold": maker.bg_threshold if maker.needs_threshold else None,
         "threshold_rule": rule,
+        **({"threshold_rule_details": threshold_details} if threshold_details else {}),
         "images": len(ds),
         "mean_foreground_fraction_this_attempt": float(np.mean(fg_fraction)) if fg_fraction else None,
         "seconds": round(seconds, 1),
