@@ -53,10 +53,25 @@ def test_area_match_follows_a_monotone_sharpening_of_the_maps_where_otsu_does_no
     assert sharpened_otsu > threshold + 0.05  # what plain Otsu would keep: too little foreground
 
 
-def test_an_unknown_threshold_rule_is_an_error_naming_the_valid_ones(tiny_overrides):
+def test_an_unknown_threshold_rule_is_an_error_naming_the_valid_ones_before_any_stage_runs(tiny_overrides):
     cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + ["masks.bg_threshold_rule=median"])
     with pytest.raises(ValueError, match="bg_threshold_rule 'median'; valid: otsu, area_match"):
         choose_mask_threshold(SimpleNamespace(cfg=cfg), None, Path("."), [])
+    with pytest.raises(ValueError, match="bg_threshold_rule 'median'"):
+        run_stages(cfg, ["train-cls", "cams", "masks"])
+    assert not (cfg.run_dir / "train-cls").exists()
+
+
+def test_area_match_refuses_a_maker_that_thresholds_other_maps(tiny_overrides, monkeypatch):
+    """E.g. the fusion maker thresholds the class-agnostic CAMs of another run: their 224 px reference is not these."""
+    from weakseg.masks.makers import ThresholdMaker
+    from weakseg.runs import StageError
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + [
+        "masks.method=threshold", "masks.bg_threshold_rule=area_match"])
+    monkeypatch.setattr(ThresholdMaker, "threshold_cam_dir", lambda self, cam_dir: cam_dir.parent / "agnostic")
+    with pytest.raises(StageError, match="area_match re-makes the cams stage's CAMs"):
+        run_stages(cfg, ["train-cls", "cams", "masks"])
 
 
 def test_masks_stage_area_match_keeps_the_reference_share_of_foreground(tiny_overrides):

@@ -34,6 +34,9 @@ def run_stages(cfg: PipelineCfg, stages: list[str], force: Optional[set[str]] = 
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; valid stages: {', '.join(STAGES)}")
+    from weakseg.masks.stage import check_threshold_rule
+
+    check_threshold_rule(cfg.masks.bg_threshold_rule)  # before hours of earlier stages, not at the masks stage
     device = dist.resolve_device(cfg.device)
     dist.init_from_env(device)
     force = set(force or ())

@@ -44,6 +44,11 @@ def choose_threshold(cfg_threshold: float, cam_dir, ids: list[str]) -> tuple[flo
 THRESHOLD_RULES = ("otsu", "area_match")
 
 
+def check_threshold_rule(rule: str) -> None:
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown masks.bg_threshold_rule {rule!r}; valid: {', '.join(THRESHOLD_RULES)}")
+
+
 def share_above(hist: np.ndarray, threshold: float) -> float:
     """Share of a [0, 1] histogram's pixels at or above `threshold` (a bin edge)."""
     return float(hist[int(round(threshold * len(hist))):].sum() / max(1, hist.sum()))
@@ -68,8 +73,7 @@ def choose_mask_threshold(ctx: StageContext, ds, cam_dir, ids: list[str]) -> tup
     """The masks stage's background threshold -> (threshold, rule, details), by masks.bg_threshold and
     masks.bg_threshold_rule; no pixel label is read."""
     mc = ctx.cfg.masks
-    if mc.bg_threshold_rule not in THRESHOLD_RULES:
-        raise ValueError(f"unknown masks.bg_threshold_rule {mc.bg_threshold_rule!r}; valid: {', '.join(THRESHOLD_RULES)}")
+    check_threshold_rule(mc.bg_threshold_rule)
     if mc.bg_threshold >= 0 or mc.bg_threshold_rule == "otsu":
         return (*choose_threshold(mc.bg_threshold, cam_dir, ids), {})
     from weakseg.cams.generate import top_cam_histogram
@@ -153,6 +157,10 @@ def run(ctx: StageContext) -> dict:
     rule, threshold_details = "n/a", {}
     if maker.needs_threshold:
         threshold_dir = maker.threshold_cam_dir(cam_dir)
+        if threshold_dir != cam_dir and cfg.masks.bg_threshold_rule == "area_match" and cfg.masks.bg_threshold < 0:
+            raise StageError(f"masks.bg_threshold_rule=area_match re-makes the cams stage's CAMs at the classifier's "
+                             f"size, but masks.method={cfg.masks.method} thresholds other maps ({threshold_dir}); "
+                             "use masks.bg_threshold_rule=otsu or a fixed masks.bg_threshold")
         threshold, rule, threshold_details = choose_mask_threshold(ctx, ds, threshold_dir, ds.ids) \
             if dist.is_main_process() else (0.0, "", {})
         if threshold_dir != cam_dir:
