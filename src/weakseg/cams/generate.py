@@ -83,6 +83,13 @@ def finalize_cam(cam: torch.Tensor, classes: np.ndarray, out_size: tuple[int, in
     return (sel / peak[:, None, None]).cpu().numpy()
 
 
+def top_cam_counts(cam: np.ndarray, bins: int) -> np.ndarray:
+    """(bins,) histogram over [0, 1] of each pixel's top score in stored maps (K, h, w); zeros when K = 0."""
+    if not len(cam):
+        return np.zeros(bins, dtype=np.int64)
+    return np.histogram(cam.max(axis=0), bins=bins, range=(0.0, 1.0))[0]
+
+
 def present_classes(labels: Optional[np.ndarray], logits: torch.Tensor, threshold: float = 0.5) -> np.ndarray:
     """0-based foreground classes to keep: the image labels if known, else the predicted ones."""
     if labels is not None:
@@ -94,15 +101,21 @@ def store_size(h: int, w: int, store_stride: int) -> tuple[int, int]:
     return max(1, math.ceil(h / store_stride)), max(1, math.ceil(w / store_stride))
 
 
-def save_batch(out_dir: Path, ids: list[str], batch: tuple, logits: torch.Tensor, cams: torch.Tensor,
-               store_stride: int) -> None:
-    """Write one CamInputs batch's CAMs: (labels, H, W, index) of the batch, (B, C) logits, (B, C, g, g) CAMs."""
+def finalized_cams(batch: tuple, logits: torch.Tensor, cams: torch.Tensor, store_stride: int):
+    """One CamInputs batch -> per image (dataset index, 0-based classes (K,), stored maps (K, h, w), original (H, W)),
+    from (labels, H, W, index) of the batch, (B, C) logits and (B, C, g, g) summed CAMs."""
     labels, hs, ws, idx = batch
     for b in range(len(idx)):
         classes = present_classes(labels[b].numpy(), logits[b])
-        size = store_size(int(hs[b]), int(ws[b]), store_stride)
-        save_cam(out_dir / f"{ids[int(idx[b])]}.npz", finalize_cam(cams[b], classes, size), classes + 1,
-                 (int(hs[b]), int(ws[b])))
+        size = (int(hs[b]), int(ws[b]))
+        yield int(idx[b]), classes, finalize_cam(cams[b], classes, store_size(*size, store_stride)), size
+
+
+def save_batch(out_dir: Path, ids: list[str], batch: tuple, logits: torch.Tensor, cams: torch.Tensor,
+               store_stride: int) -> None:
+    """Write one CamInputs batch's CAMs (see `finalized_cams`)."""
+    for i, classes, cam, size in finalized_cams(batch, logits, cams, store_stride):
+        save_cam(out_dir / f"{ids[i]}.npz", cam, classes + 1, size)
 
 
 def build_generator(ctx: StageContext, classifier) -> CamGenerator:
@@ -126,15 +139,12 @@ def top_cam_histogram(ctx: StageContext, ds: WeakSegDataset, indices: list[int],
     precision = dist.resolve_precision(ctx.cfg.precision, ctx.device)
     loader = torch.utils.data.DataLoader(CamInputs(ds, indices, size), batch_size=ctx.cfg.cams.batch_size)
     hist = np.zeros(bins, dtype=np.int64)
-    for x, labels, hs, ws, _ in tqdm(loader, desc=f"cams at {size} px", disable=not dist.is_main_process(),
-                                     leave=False, dynamic_ncols=True):
+    for x, *batch in tqdm(loader, desc=f"cams at {size} px", disable=not dist.is_main_process(), leave=False,
+                          dynamic_ncols=True):
         with dist.autocast(ctx.device, precision):
             logits, cams = generator(dist.channels_last(x.to(ctx.device)))
-        for b in range(x.shape[0]):
-            classes = present_classes(labels[b].numpy(), logits[b])
-            cam = finalize_cam(cams[b], classes, store_size(int(hs[b]), int(ws[b]), ctx.cfg.cams.store_stride))
-            if len(cam):
-                hist += np.histogram(cam.max(axis=0), bins=bins, range=(0.0, 1.0))[0]
+        for _, _, cam, _ in finalized_cams(tuple(batch), logits, cams, ctx.cfg.cams.store_stride):
+            hist += top_cam_counts(cam, bins)
     return hist
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from weakseg import dist
+from weakseg.cams.generate import top_cam_counts, top_cam_histogram
 from weakseg.data import build_dataset, collapse_to_binary
 from weakseg.io import load_cam, save_label_png
 from weakseg.masks.makers import build_mask_maker, otsu_threshold
@@ -29,9 +30,7 @@ def cam_histogram(cam_dir, ids: list[str], bins: int = 100) -> np.ndarray:
     """Pooled histogram of each pixel's top CAM score over `ids` (images with no class are skipped)."""
     hist = np.zeros(bins, dtype=np.int64)
     for sid in ids:
-        cam, _, _ = load_cam(cam_dir / f"{sid}.npz")
-        if cam.shape[0]:
-            hist += np.histogram(cam.max(axis=0), bins=bins, range=(0.0, 1.0))[0]
+        hist += top_cam_counts(load_cam(cam_dir / f"{sid}.npz")[0], bins)
     return hist
 
 
@@ -76,8 +75,6 @@ def choose_mask_threshold(ctx: StageContext, ds, cam_dir, ids: list[str]) -> tup
     check_threshold_rule(mc.bg_threshold_rule)
     if mc.bg_threshold >= 0 or mc.bg_threshold_rule == "otsu":
         return (*choose_threshold(mc.bg_threshold, cam_dir, ids), {})
-    from weakseg.cams.generate import top_cam_histogram
-
     size = ctx.cfg.train_cls.image_size
     wanted = set(ids)
     pool = [i for i in range(len(ds)) if ds.ids[i] in wanted]
