@@ -64,6 +64,8 @@ def main() -> None:
         "oracle_threshold": scored["best_threshold_oracle"],
         "binary": scored["at_threshold_used"].get("binary"),
         "model_seconds": round(model_seconds, 2),
+        "batch_size": cfg.cams.batch_size,
+        "kept_freed_heap": args.kept_freed_heap,
         "images_per_second": round(len(masked) / model_seconds, 2),
     })
 

@@ -40,7 +40,11 @@ def quality_args(doc: str, needs: str, prefix: str, **extra: tuple[str, dict]) -
     for flag, kwargs in extra.values():
         ap.add_argument(flag, **kwargs)
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's resolved config")
-    return ap.parse_args()
+    args = ap.parse_args()
+    from weakseg import dist
+
+    args.kept_freed_heap = dist.keep_freed_heap_memory()  # as the `weakseg` command does
+    return args
 
 
 def run_context(run_dir: Path, config_of: str, stage: str, overrides: list[str] | None = None):

@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -603,28 +604,59 @@ def test_resumed_attempt_drops_the_temporaries_of_killed_writes(run_copy):
     assert sorted((sdir / "masks").iterdir()) == kept
 
 
-# --- worker counts are speed-only ----------------------------------------------------------------------------------
+# --- worker counts and cams.batch_size are speed-only ----------------------------------------------------------------
 
-def test_worker_counts_leave_recorded_stages_up_to_date_including_runs_recorded_before(run_copy):
+SPEED_ONLY_OVERRIDES = ["train_cls.num_workers=2", "train_seg.num_workers=2", "cams.batch_size=3"]
+
+
+def test_speed_only_keys_leave_recorded_stages_up_to_date_including_runs_recorded_before(run_copy):
     from weakseg.runs import STAGES, stage_fingerprint
 
     overrides, cfg = run_copy
-    faster = load_config(DEMO, overrides + ["train_cls.num_workers=2", "train_seg.num_workers=2"])
+    faster = load_config(DEMO, overrides + SPEED_ONLY_OVERRIDES)
     assert [stage_is_done(faster, s) for s in STAGES] == [(True, "up to date")] * len(STAGES)
-    # Runs recorded while the worker counts were still hashed carry the older fingerprint: still up to date.
+    # Runs recorded while these keys were still hashed carry the older fingerprint: still up to date, at the
+    # values they ran with and at any other (rebuilt from the values in the stage's recorded config.yaml).
     for stage in STAGES:
         marker = cfg.run_dir / stage / "done.json"
         info = read_json(marker)
         assert info["fingerprint"] == stage_fingerprint(cfg, stage)
         legacy = stage_fingerprint(cfg, stage, legacy=True)
-        # the legacy hash does include the worker counts (of the two training stages, the only ones hashing them)
-        assert (legacy != info["fingerprint"]) == (stage in ("train-cls", "train-seg"))
+        # the legacy hash does include them (the training stages' worker counts, the cams batch size)
+        assert (legacy != info["fingerprint"]) == (stage in ("train-cls", "cams", "train-seg"))
         write_json(marker, {**info, "fingerprint": legacy})
     assert all(stage_is_done(cfg, s)[0] for s in STAGES)
+    assert stage_fingerprint(faster, "cams", legacy=True) != read_json(cfg.run_dir / "cams" / "done.json")["fingerprint"]
+    assert [stage_is_done(faster, s) for s in STAGES] == [(True, "up to date")] * len(STAGES)
     # ...and a real change is still a change under either hash.
-    other = load_config(DEMO, overrides + ["train_seg.epochs=3"])
+    other = load_config(DEMO, overrides + SPEED_ONLY_OVERRIDES + ["train_seg.epochs=3", "cams.flip=false"])
     assert stage_is_done(other, "train-seg") == (False, "config or upstream outputs changed")
+    assert stage_is_done(other, "cams") == (False, "config or upstream outputs changed")
     assert stage_is_done(other, "train-cls")[0]
+
+
+def test_cams_do_not_depend_on_the_batch_size(run_copy, reference_run):
+    """What makes cams.batch_size speed-only: each image's CAM is computed alone, bit for bit."""
+    overrides, _ = run_copy
+    for batch_size in (1, 3):
+        cfg = load_config(DEMO, overrides + [f"cams.batch_size={batch_size}"])
+        run_stages(cfg, ["cams"], force={"cams"})
+        written = sorted((cfg.run_dir / "cams" / "cams").iterdir())
+        assert [p.name for p in written] == sorted(p.name for p in (reference_run / "cams" / "cams").iterdir())
+        for path in written:
+            ours, reference = np.load(path), np.load(reference_run / "cams" / "cams" / path.name)
+            for key in reference.files:
+                np.testing.assert_array_equal(ours[key], reference[key])
+
+
+def test_freed_heap_memory_setting_defers_to_the_users_malloc_variables():
+    code = "from weakseg.dist import keep_freed_heap_memory; print(keep_freed_heap_memory())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert ours.stdout.strip() == ("True" if platform.libc_ver()[0] == "glibc" else "False")
+    theirs = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_TRIM_THRESHOLD_": "0"},
+                            capture_output=True, text=True, check=True)
+    assert theirs.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("kind", ["classification", "segmentation"])

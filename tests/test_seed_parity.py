@@ -309,12 +309,13 @@ def test_late_keys_leave_existing_fingerprints_alone_until_set():
                          *(("masks", key) for key in full["masks"] if key.startswith("affinity_")),
                          *(("train_seg", key) for key in full["train_seg"] if key.startswith("infer_crf")),
                          ("masks", "num_workers"),
-                         ("train_cls", "num_workers"), ("train_seg", "num_workers")):
+                         ("train_cls", "num_workers"), ("train_seg", "num_workers"), ("cams", "batch_size")):
         full[section].pop(key)
     assert tree == full
     # the hash of runs recorded before the worker counts became speed-only kept the two training stages' ones
     legacy = to_dict(cfg, legacy=True)
     assert legacy["train_cls"]["num_workers"] == legacy["train_seg"]["num_workers"] == 0
+    assert legacy["cams"]["batch_size"] == 16
     assert "num_workers" not in legacy["masks"]
     changed = load_config(None, ["train_cls.init_from=other-run"])
     assert stage_fingerprint(changed, "train-cls") != stage_fingerprint(cfg, "train-cls")

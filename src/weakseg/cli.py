@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from weakseg import dist
 from weakseg.runs import STAGES
 
 
@@ -71,6 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from weakseg.data.base import DataError
 
     args = build_parser().parse_args(argv)
+    dist.keep_freed_heap_memory()
     try:
         if args.command == "run":
             from weakseg.evaluate.stage import format_summary

@@ -127,7 +127,9 @@ class CamCfg:
     method: str = "cam"  # cam | finecam | weaktr | weaktr_fused | ccam (weakseg.cams.METHODS)
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = True
-    batch_size: int = 16
+    # images per forward pass. Each image's CAM is computed alone (square inputs, eval-mode network), so this
+    # changes only speed (and float rounding); large inputs run faster in small batches (docs/performance.md).
+    batch_size: int = field(default=16, metadata=SPEED_ONLY_ONCE_HASHED)
     image_size: int = 0  # 0 = the classifier's image_size; longer-side resize before the scales
     store_stride: int = 4  # CAMs are stored at (H/stride, W/stride) float16, present classes only
     ecs: bool = False  # erased CAM supervision on top of the method: max(CAM(x), CAM(x_erased)), each max-normalised
@@ -447,6 +449,24 @@ def to_dict(cfg: Any, legacy: bool = False) -> dict[str, Any]:
         else:
             out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else _copy(value)
     return out
+
+
+def with_recorded_once_hashed(cfg: Any, recorded: dict[str, Any]) -> Any:
+    """A copy of `cfg` whose SPEED_ONLY_ONCE_HASHED keys take their values from `recorded` (a stage's resolved
+    config as a nested dict), so the legacy fingerprint of a stage run at another speed setting can be rebuilt."""
+    changes = {}
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        sub = recorded.get(f.name) if isinstance(recorded, dict) else None
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = with_recorded_once_hashed(value, sub or {})
+        elif f.metadata.get("once_hashed") and sub is not None:
+            try:
+                changes[f.name] = _coerce(sub, hints[f.name], f.name)
+            except ConfigError:
+                pass  # a mangled recorded value: keep ours, and the fingerprints will simply not match
+    return dataclasses.replace(cfg, **changes)
 
 
 def inference_only_keys(cfg: Any) -> dict[str, set[str]]:

@@ -80,6 +80,31 @@ def channels_last(obj):
     return obj
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+HEAP_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 100_000 << 20}
+
+
+def keep_freed_heap_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of returning it to the kernel; True if applied.
+
+    By default every activation tensor above the (adaptive) mmap threshold is mapped fresh and unmapped again, and
+    on a CPU forward pass over large inputs the kernel's page faults then cost as much time as the arithmetic
+    (docs/performance.md: the 512 px CAM pass). Skipped where the user set either MALLOC_*_ variable (their
+    choice wins) and off glibc."""
+    if any(name in os.environ for name in HEAP_SETTINGS):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_SETTINGS["MALLOC_MMAP_THRESHOLD_"])) and \
+        bool(mallopt(_M_TRIM_THRESHOLD, HEAP_SETTINGS["MALLOC_TRIM_THRESHOLD_"]))
+
+
 def usable_cpu_count() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one)."""
     try:

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 
 from weakseg import dist
-from weakseg.config import PipelineCfg, dump_yaml, inference_only_keys, to_dict
+from weakseg.config import PipelineCfg, dump_yaml, inference_only_keys, to_dict, with_recorded_once_hashed
 from weakseg.io import append_jsonl, read_json, write_json, write_text
 
 STAGES = ["train-cls", "cams", "masks", "train-seg", "evaluate"]
@@ -147,8 +148,17 @@ def stage_fingerprint(cfg: PipelineCfg, stage: str, legacy: bool = False) -> str
 
 def accepted_fingerprints(cfg: PipelineCfg, stage: str) -> set[str]:
     """Fingerprints under which a recorded stage is up to date: the current one, and the one runs recorded before
-    the worker counts left the hash (so those runs are not redone for it)."""
-    return {stage_fingerprint(cfg, stage), stage_fingerprint(cfg, stage, legacy=True)}
+    the speed-only keys (worker counts, cams.batch_size) left the hash, rebuilt with the values the stage
+    recorded in its config.yaml, so a run is not redone for them whatever their values were or are."""
+    accepted = {stage_fingerprint(cfg, stage), stage_fingerprint(cfg, stage, legacy=True)}
+    recorded_yaml = cfg.run_dir / stage / "config.yaml"
+    try:
+        recorded = yaml.safe_load(recorded_yaml.read_text()) if recorded_yaml.exists() else None
+    except (OSError, yaml.YAMLError):
+        recorded = None
+    if isinstance(recorded, dict):
+        accepted.add(stage_fingerprint(with_recorded_once_hashed(cfg, recorded), stage, legacy=True))
+    return accepted
 
 
 def product_files(stage_dir: Path) -> list[Path]:
