@@ -13,15 +13,12 @@ Nothing is written into the run directory; the CAMs go to a temporary folder, or
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from bench.common import masked_training_images, quality_args, run_context, write_result
-from weakseg import dist
-from weakseg.cams.generate import CamInputs, build_generator, cam_input_size, save_batch
+from weakseg.cams.generate import CamInputs, build_generator, cam_batches, cam_input_size, save_batch
 from weakseg.evaluate.stage import evaluate_cams
 from weakseg.masks.stage import choose_threshold
 from weakseg.train.classifier import load_classifier
@@ -40,16 +37,12 @@ def main() -> None:
     generator = build_generator(ctx, load_classifier(ctx))
     loader = torch.utils.data.DataLoader(CamInputs(cls_ds, masked, cam_input_size(ctx)),
                                          batch_size=cfg.cams.batch_size, num_workers=0)
-    precision = dist.resolve_precision(cfg.precision, ctx.device)
     with tempfile.TemporaryDirectory() as tmp:
         cam_dir = Path(args.keep_cams) if args.keep_cams else Path(tmp) / "cams"
         model_seconds = 0.0
-        for x, labels, hs, ws, idx in tqdm(loader, desc=f"cams {args.label}", dynamic_ncols=True):
-            t0 = time.perf_counter()
-            with dist.autocast(ctx.device, precision):
-                logits, cams = generator(dist.channels_last(x.to(ctx.device)))
-            model_seconds += time.perf_counter() - t0
-            save_batch(cam_dir, cls_ds.ids, (labels, hs, ws, idx), logits, cams, cfg.cams.store_stride)
+        for batch, logits, cams, seconds in cam_batches(ctx, generator, loader, f"cams {args.label}"):
+            model_seconds += seconds
+            save_batch(cam_dir, cls_ds.ids, batch, logits, cams, cfg.cams.store_stride)
         threshold, rule = choose_threshold(-1.0, cam_dir, ids)
         scored = evaluate_cams(ctx, scored_ds, masked, cfg.evaluate.thresholds, threshold, cam_dir)
     write_result(f"cam_quality-{args.label}", {

@@ -136,16 +136,23 @@ def top_cam_histogram(ctx: StageContext, ds: WeakSegDataset, indices: list[int],
     from weakseg.train.classifier import load_classifier
 
     generator = build_generator(ctx, load_classifier(ctx))
-    precision = dist.resolve_precision(ctx.cfg.precision, ctx.device)
     loader = torch.utils.data.DataLoader(CamInputs(ds, indices, size), batch_size=ctx.cfg.cams.batch_size)
     hist = np.zeros(bins, dtype=np.int64)
-    for x, *batch in tqdm(loader, desc=f"cams at {size} px", disable=not dist.is_main_process(), leave=False,
-                          dynamic_ncols=True):
-        with dist.autocast(ctx.device, precision):
-            logits, cams = generator(dist.channels_last(x.to(ctx.device)))
-        for _, _, cam, _ in finalized_cams(tuple(batch), logits, cams, ctx.cfg.cams.store_stride):
+    for batch, logits, cams, _ in cam_batches(ctx, generator, loader, f"cams at {size} px", leave=False):
+        for _, _, cam, _ in finalized_cams(batch, logits, cams, ctx.cfg.cams.store_stride):
             hist += top_cam_counts(cam, bins)
     return hist
+
+
+def cam_batches(ctx: StageContext, generator: CamGenerator, loader, desc: str, leave: bool = True):
+    """Run `generator` over a CamInputs loader (progress bar on rank 0). Yields per batch: ((labels, H, W,
+    index), (B, C) mean logits, (B, C, g, g) summed CAMs, seconds spent in the model)."""
+    precision = dist.resolve_precision(ctx.cfg.precision, ctx.device)
+    for x, *batch in tqdm(loader, desc=desc, disable=not dist.is_main_process(), leave=leave, dynamic_ncols=True):
+        t0 = time.perf_counter()
+        with dist.autocast(ctx.device, precision):
+            logits, cams = generator(dist.channels_last(x.to(ctx.device)))
+        yield tuple(batch), logits, cams, time.perf_counter() - t0
 
 
 def run(ctx: StageContext) -> dict:
@@ -160,14 +167,11 @@ def run(ctx: StageContext) -> dict:
     loader = torch.utils.data.DataLoader(CamInputs(ds, todo, cam_input_size(ctx)), batch_size=cfg.cams.batch_size,
                                          num_workers=cfg.train_cls.num_workers)
     dist.warn_loader_oversubscription(ctx.stage, ctx.device, cfg.train_cls.num_workers)
-    precision = dist.resolve_precision(cfg.precision, ctx.device)
     t0 = time.time()
     done = 0
-    for x, labels, hs, ws, idx in tqdm(loader, desc="cams", disable=not dist.is_main_process(), dynamic_ncols=True):
-        with dist.autocast(ctx.device, precision):
-            logits, cams = generator(dist.channels_last(x.to(ctx.device)))
-        save_batch(out_dir, ds.ids, (labels, hs, ws, idx), logits, cams, cfg.cams.store_stride)
-        done += x.shape[0]
+    for batch, logits, cams, _ in cam_batches(ctx, generator, loader, "cams"):
+        save_batch(out_dir, ds.ids, batch, logits, cams, cfg.cams.store_stride)
+        done += len(logits)
     seconds = time.time() - t0
     require_all_written(out_dir, ds.ids, ".npz", "cams")
     return {
