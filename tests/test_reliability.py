@@ -649,12 +649,13 @@ def test_cams_do_not_depend_on_the_batch_size(run_copy, reference_run):
                 np.testing.assert_array_equal(ours[key], reference[key])
 
 
-def test_freed_heap_memory_setting_defers_to_the_users_malloc_variables():
+@pytest.mark.parametrize("variable", ["MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_"])
+def test_freed_heap_memory_setting_defers_to_the_users_malloc_variables(variable):
     code = "from weakseg.dist import keep_freed_heap_memory; print(keep_freed_heap_memory())"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert ours.stdout.strip() == ("True" if platform.libc_ver()[0] == "glibc" else "False")
-    theirs = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_TRIM_THRESHOLD_": "0"},
+    theirs = subprocess.run([sys.executable, "-c", code], env={**env, variable: "0"},
                             capture_output=True, text=True, check=True)
     assert theirs.stdout.strip() == "False"
 

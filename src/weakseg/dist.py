@@ -80,29 +80,28 @@ def channels_last(obj):
     return obj
 
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-HEAP_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 100_000 << 20}
+# glibc mallopt parameters (malloc.h) and what keep_freed_heap_memory sets them to
+_MALLOPT = {"MALLOC_TRIM_THRESHOLD_": (-1, 100_000 << 20), "MALLOC_MMAP_THRESHOLD_": (-3, 32 << 20),
+            "MALLOC_MMAP_MAX_": (-4, 0)}
 
 
 def keep_freed_heap_memory() -> bool:
-    """Let glibc keep freed memory for reuse instead of returning it to the kernel; True if applied.
+    """Let glibc serve every allocation from its heap and keep freed memory for reuse; True if applied.
 
-    By default every activation tensor above the (adaptive) mmap threshold is mapped fresh and unmapped again, and
-    on a CPU forward pass over large inputs the kernel's page faults then cost as much time as the arithmetic
-    (docs/performance.md: the 512 px CAM pass). Skipped where the user set either MALLOC_*_ variable (their
-    choice wins) and off glibc."""
-    if any(name in os.environ for name in HEAP_SETTINGS):
+    By default each large activation tensor is mapped fresh with mmap and unmapped when freed, and on a CPU pass
+    over large inputs the kernel's page faults then cost as much time as the arithmetic (docs/performance.md).
+    Here nothing is mmapped (glibc still falls back to mmap where its heap cannot grow) and the heap is never
+    trimmed, so the process keeps its peak memory. Skipped where the user set any of the MALLOC_*_ variables
+    above (their choice wins) and off glibc."""
+    if any(name in os.environ for name in _MALLOPT):
         return False
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_SETTINGS["MALLOC_MMAP_THRESHOLD_"])) and \
-        bool(mallopt(_M_TRIM_THRESHOLD, HEAP_SETTINGS["MALLOC_TRIM_THRESHOLD_"]))
+    return all([bool(mallopt(param, value)) for param, value in _MALLOPT.values()])
 
 
 def usable_cpu_count() -> int:
