@@ -127,8 +127,8 @@ class CamCfg:
     method: str = "cam"  # cam | finecam | weaktr | weaktr_fused | ccam (weakseg.cams.METHODS)
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = True
-    # images per forward pass. Each image's CAM is computed alone (square inputs, eval-mode network), so this
-    # changes only speed (and float rounding); large inputs run faster in small batches (docs/performance.md).
+    # images per forward pass. Each image's CAM is computed alone (square inputs, eval-mode network): speed only,
+    # the CAMs are bit-identical at any batch size (docs/performance.md).
     batch_size: int = field(default=16, metadata=SPEED_ONLY_ONCE_HASHED)
     image_size: int = 0  # 0 = the classifier's image_size; longer-side resize before the scales
     store_stride: int = 4  # CAMs are stored at (H/stride, W/stride) float16, present classes only
