@@ -17,22 +17,19 @@ import subprocess
 import sys
 import time
 
-HEAPS = ("default", "thresholds", "keep_freed_heap_memory")
+# heap -> the child's MALLOC_*_ environment (glibc reads it at start-up)
+HEAPS = {"default": {}, "thresholds": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                                       "MALLOC_TRIM_THRESHOLD_": str(100_000 << 20)},
+         "keep_freed_heap_memory": {}}
 
 
 def one_heap(heap: str, size: int, batch: int, steps: int) -> float:
-    import ctypes
-
     import torch
     import torch.nn.functional as F
 
     from weakseg import dist
 
-    if heap == "thresholds":  # what the MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ variables set
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-        mallopt(-3, 32 << 20)
-        mallopt(-1, 100_000 << 20)
-    elif heap == "keep_freed_heap_memory":
+    if heap == "keep_freed_heap_memory":
         assert dist.keep_freed_heap_memory(), "not applied (a MALLOC_*_ variable is set, or not glibc)"
     from weakseg.models.backbones import build_backbone
     from weakseg.models.classifier import CamClassifier
@@ -69,10 +66,10 @@ def main() -> None:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     seconds = {}
-    for heap in HEAPS:
+    for heap, heap_env in HEAPS.items():
         out = subprocess.run([sys.executable, "-m", "bench.heap_step", "--heap", heap, "--size", str(args.size),
                               "--batch", str(args.batch), "--steps", str(args.steps)],
-                             env=env, capture_output=True, text=True, check=True)
+                             env={**env, **heap_env}, capture_output=True, text=True, check=True)
         seconds[heap] = round(json.loads(out.stdout.strip().splitlines()[-1]), 3)
     write_result(f"heap_step-{args.size}-b{args.batch}", {"size": args.size, "batch": args.batch,
                                                          "median_step_seconds": seconds})

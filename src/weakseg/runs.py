@@ -150,15 +150,13 @@ def accepted_fingerprints(cfg: PipelineCfg, stage: str) -> set[str]:
     """Fingerprints under which a recorded stage is up to date: the current one, and the one runs recorded before
     the speed-only keys (worker counts, cams.batch_size) left the hash, rebuilt with the values the stage
     recorded in its config.yaml, so a run is not redone for them whatever their values were or are."""
-    accepted = {stage_fingerprint(cfg, stage), stage_fingerprint(cfg, stage, legacy=True)}
-    recorded_yaml = cfg.run_dir / stage / "config.yaml"
+    recorded_yaml = cfg.run_dir / stage / "config.yaml"  # written with the attempt and marker it belongs to
     try:
         recorded = yaml.safe_load(recorded_yaml.read_text()) if recorded_yaml.exists() else None
     except (OSError, yaml.YAMLError):
         recorded = None
-    if isinstance(recorded, dict):
-        accepted.add(stage_fingerprint(with_recorded_once_hashed(cfg, recorded), stage, legacy=True))
-    return accepted
+    as_recorded = with_recorded_once_hashed(cfg, recorded) if isinstance(recorded, dict) else cfg
+    return {stage_fingerprint(cfg, stage), stage_fingerprint(as_recorded, stage, legacy=True)}
 
 
 def product_files(stage_dir: Path) -> list[Path]:
