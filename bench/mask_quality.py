@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.common import masked_training_images, quality_args, run_context, write_result
 from weakseg.evaluate.stage import evaluate_masks
 from weakseg.masks.makers import build_mask_maker
-from weakseg.masks.stage import MaskJob, choose_mask_threshold, make_masks
+from weakseg.masks.stage import MaskJob, choose_mask_threshold, make_masks, threshold_maps_dir
 
 
 def main() -> None:
@@ -46,7 +46,8 @@ def main() -> None:
         prepare_metrics = maker.prepare(ctx, ds, cam_dir)
         threshold, rule = None, "n/a"
         if maker.needs_threshold:
-            threshold, rule, _ = choose_mask_threshold(ctx, ds, maker.threshold_cam_dir(cam_dir), threshold_ids)
+            threshold, rule, _ = choose_mask_threshold(ctx, ds, threshold_maps_dir(maker, cam_dir, cfg.masks),
+                                                         threshold_ids)
             maker.bg_threshold = threshold
         job = MaskJob(ds, maker, cam_dir, ctx.out / "masks", cfg.data.binary_masks)
         t0 = time.perf_counter()

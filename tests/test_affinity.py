@@ -98,6 +98,38 @@ def test_seeds_are_the_threshold_band_on_the_grid(tmp_path):
     assert (seeds[:, 0] == 4).all() and (seeds[:, 1:3] == 0).all() and (seeds[:, 3] == IGNORE_INDEX).all()
 
 
+def test_crf_seeds_are_the_two_pass_crf_band_on_the_grid(tmp_path):
+    """Seeds from the `crf` maker's two passes (planes seed_low / seed_high), sampled at the grid's cells; a
+    resumed attempt keeps the seed maps already written."""
+    pytest.importorskip("pydensecrf.densecrf")
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from weakseg.io import load_cam, save_label_png
+    from weakseg.masks.affinity import crf_seed_grid
+    from weakseg.masks.makers import CrfMaker
+    from weakseg.masks.stage import upsample_cam
+
+    cfg = load_config(None, TINY_DEMO + [f"runs_dir={tmp_path}", "name=seeds", "masks.num_workers=0"])
+    ds = fake_upstream(cfg)
+    ctx = SimpleNamespace(cfg=cfg, out=tmp_path / "stage")
+    cam_dir = cfg.run_dir / "cams" / "cams"
+    save_label_png(ctx.out / "affinity_seeds" / f"{ds.ids[0]}.png", np.full((32, 32), 9, np.uint8))
+    seeds = crf_seed_grid(ctx, ds, cam_dir, (8, 8), seed_low=0.1, seed_high=0.5)
+    assert seeds.shape == (len(ds), 8, 8) and seeds.dtype == np.uint8
+    assert (seeds[0] == 9).all()  # written by an earlier attempt: kept, not re-made
+
+    band = CrfMaker(replace(cfg.masks, method="crf", ignore_low=0.1, ignore_high=0.5))
+    labelled = 0
+    for i in range(1, len(ds)):
+        cam, classes, size = load_cam(cam_dir / f"{ds.ids[i]}.npz")
+        full = band.make(upsample_cam(cam, size), classes, ds.image(i))
+        assert (load_label_png(ctx.out / "affinity_seeds" / f"{ds.ids[i]}.png") == full).all()
+        assert (seeds[i] == full[2::4, 2::4]).all()  # nearest: each 4 x 4 cell's pixel (2, 2)
+        labelled += int(((seeds[i] > 0) & (seeds[i] < IGNORE_INDEX)).sum())
+    assert labelled and (seeds[1:] == IGNORE_INDEX).any() and (seeds[1:] == 0).any()
+
+
 def toy_affinity_data(n: int = 16, size: int = 8, seed: int = 0) -> AffinitySeeds:
     """Features whose channel 0 marks the right half (plus noise); seeds: left bg, right class 1, a third ignored."""
     rng = np.random.default_rng(seed)
@@ -136,14 +168,16 @@ AFFINITY = ["masks.affinity_epochs=2", "masks.affinity_batch_size=4", "masks.aff
             "masks.affinity_radius=2", "masks.affinity_iterations=8"]
 
 
-@pytest.mark.parametrize("method", ["affinity", "affinity_crf"])
-def test_masks_stage_trains_the_affinity_head_and_walks_the_cams(tmp_path, method):
-    if method == "affinity_crf":
+@pytest.mark.parametrize("method,seeds", [("affinity", "cams"), ("affinity_crf", "cams"), ("affinity", "crf")])
+def test_masks_stage_trains_the_affinity_head_and_walks_the_cams(tmp_path, method, seeds):
+    if method == "affinity_crf" or seeds == "crf":
         pytest.importorskip("pydensecrf.densecrf")
     cfg = load_config(None, TINY_DEMO + AFFINITY + [f"runs_dir={tmp_path}", "name=aff", f"masks.method={method}",
-                                                    "masks.bg_threshold=0.5"])
+                                                    "masks.bg_threshold=0.5", f"masks.affinity_seeds={seeds}"])
     ds = fake_upstream(cfg)
     metrics = masks_stage(cfg)
+    seed_maps = sorted(p.stem for p in (cfg.run_dir / "masks" / "affinity_seeds").glob("*.png"))
+    assert seed_maps == (sorted(ds.ids) if seeds == "crf" else [])
     assert (cfg.run_dir / "masks" / "affinity.pt").exists()
     assert metrics["affinity_best_epoch"] in (1, 2) and metrics["affinity_train_images"] == 8
     assert 0 < metrics["affinity_seed_foreground_fraction"] < 1
@@ -186,6 +220,11 @@ def test_affinity_needs_a_cnn_classifier(tmp_path):
     with pytest.raises(ValueError, match="masks.method=affinity needs a CNN classifier backbone"):
         masks_stage(cfg)
     assert len(ds)
+
+
+def test_affinity_seeds_must_be_cams_or_crf():
+    with pytest.raises(ValueError, match="masks.affinity_seeds must be cams or crf, got 'gt'"):
+        build_mask_maker(MaskCfg(method="affinity", affinity_seeds="gt"))
 
 
 def test_affinity_writes_no_ignore_band_but_affinity_crf_does():

@@ -74,6 +74,25 @@ def test_area_match_refuses_a_maker_that_thresholds_other_maps(tiny_overrides, m
         run_stages(cfg, ["train-cls", "cams", "masks"])
 
 
+def test_threshold_maps_dir_refuses_other_maps_only_under_a_label_free_area_match(tmp_path):
+    """The guard the masks stage and bench.mask_quality share."""
+    from types import SimpleNamespace
+
+    from weakseg.config import MaskCfg
+    from weakseg.masks.stage import threshold_maps_dir
+    from weakseg.runs import StageError
+
+    cams, other = tmp_path / "cams", tmp_path / "agnostic"
+    same = SimpleNamespace(threshold_cam_dir=lambda cam_dir: cam_dir)
+    fused = SimpleNamespace(threshold_cam_dir=lambda cam_dir: other)
+    area_match = MaskCfg(method="fusion", bg_threshold_rule="area_match")
+    assert threshold_maps_dir(same, cams, area_match) == cams
+    with pytest.raises(StageError, match=f"masks.method=fusion thresholds other maps \\({other}\\)"):
+        threshold_maps_dir(fused, cams, area_match)
+    assert threshold_maps_dir(fused, cams, MaskCfg(bg_threshold_rule="otsu")) == other
+    assert threshold_maps_dir(fused, cams, MaskCfg(bg_threshold_rule="area_match", bg_threshold=0.3)) == other
+
+
 def test_masks_stage_area_match_keeps_the_reference_share_of_foreground(tiny_overrides):
     """CAMs stored at twice the classifier's input; the reference CAMs at its own input over every training
     image. The stage's threshold keeps exactly the share of stored-CAM pixels that Otsu keeps on the reference."""

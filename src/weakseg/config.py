@@ -177,9 +177,13 @@ class MaskCfg:
     # dense CRF above on the fused scores).
     agnostic_cams_run: str = ""  # run name (under runs_dir) or path whose `cams` stage holds the foreground maps
     # affinity / affinity_crf: AffinityNet-style affinity head on the frozen classifier's last three feature levels,
-    # trained on CAM seeds (class where top CAM >= seed_high, background where < seed_low, ignored between), then
-    # a random walk of the CAMs (weakseg.masks.affinity); affinity_crf adds the dense CRF above on the walked maps.
+    # trained on seeds (class where the top score >= seed_high, background where < seed_low, ignored between), then
+    # a random walk of the CAMs (weakseg.masks.affinity); affinity_crf adds the dense CRF above on the walked maps,
+    # with the background plane at the stage's threshold.
     affinity_image_size: int = field(default=320, metadata=LATE)  # images are resized to this square
+    # seeds from the CAMs directly (cams) or from two dense CRF passes (crf: the `crf` maker's unary and kernels,
+    # background planes at seed_low / seed_high: IRN's confident regions)
+    affinity_seeds: str = field(default="cams", metadata=LATE)
     affinity_seed_low: float = field(default=0.1, metadata=LATE)
     affinity_seed_high: float = field(default=0.5, metadata=LATE)
     affinity_epochs: int = field(default=3, metadata=LATE)

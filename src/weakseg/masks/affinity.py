@@ -247,6 +247,33 @@ def seed_grid(cam_dir: Path, ids: list[str], grid: tuple[int, int], seed_low: fl
     return seeds
 
 
+def crf_seed_grid(ctx, ds, cam_dir: Path, grid: tuple[int, int], seed_low: float, seed_high: float) -> np.ndarray:
+    """IRN's confident regions as seeds -> (N, gh, gw) uint8: the dense CRF of the `crf` maker run twice on each
+    image's CAMs, class where the pass with its background plane at `seed_high` says foreground, 0 where the
+    pass at `seed_low` says background, 255 elsewhere; sampled at the grid cells' centres.
+
+    The full-size seed maps go to `<stage>/affinity_seeds/` (in `masks.num_workers` processes); a resumed
+    attempt keeps the ones already written.
+    """
+    from dataclasses import replace
+
+    from weakseg.io import load_label_png
+    from weakseg.masks.makers import CrfMaker
+    from weakseg.masks.stage import MaskJob, make_masks
+
+    seed_dir = ctx.out / "affinity_seeds"
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    maker = CrfMaker(replace(ctx.cfg.masks, method="crf", ignore_low=seed_low, ignore_high=seed_high))
+    todo = [i for i, sid in enumerate(ds.ids) if not (seed_dir / f"{sid}.png").exists()]
+    make_masks(MaskJob(ds, maker, cam_dir, seed_dir, binary=False), todo, ctx.cfg.masks.num_workers,
+               desc="affinity seeds (CRF)")
+    seeds = np.empty((len(ds.ids), *grid), dtype=np.uint8)
+    for n, sid in enumerate(ds.ids):
+        labels = torch.from_numpy(load_label_png(seed_dir / f"{sid}.png"))[None, None].float()
+        seeds[n] = F.interpolate(labels, size=grid, mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
+    return seeds
+
+
 def feature_paths(stage_dir: Path) -> list[Path]:
     """The frozen backbone's levels of every training image (float16 memmaps), written by `fit_affinity_for_run`."""
     return [stage_dir / "checkpoints" / f"affinity_level{i}.npy" for i in range(AFFINITY_LEVELS)]
@@ -300,7 +327,10 @@ def fit_affinity_for_run(ctx, ds, cam_dir: Path, backbone: nn.Module) -> tuple[A
                                       paths, device=ctx.device)
         feature_seconds = time.time() - t0
         grid = tuple(levels[0].shape[-2:])
-        seeds = seed_grid(cam_dir, ds.ids, grid, mc.affinity_seed_low, mc.affinity_seed_high)
+        if mc.affinity_seeds == "crf":
+            seeds = crf_seed_grid(ctx, ds, cam_dir, grid, mc.affinity_seed_low, mc.affinity_seed_high)
+        else:
+            seeds = seed_grid(cam_dir, ds.ids, grid, mc.affinity_seed_low, mc.affinity_seed_high)
         train_idx, val_idx = train_val_indices(len(ds), ctx.cfg.data.val_fraction, ctx.cfg.seed)
         torch.manual_seed(ctx.cfg.seed)
         head = AffinityHead([level.shape[1] for level in levels])

@@ -241,6 +241,10 @@ class AffinityMaker(MaskMaker):
 
     def __init__(self, cfg: MaskCfg):
         super().__init__(cfg)
+        if cfg.affinity_seeds not in ("cams", "crf"):
+            raise ValueError(f"masks.affinity_seeds must be cams or crf, got {cfg.affinity_seeds!r}")
+        if cfg.affinity_seeds == "crf":
+            CrfMaker(cfg)  # the seeds' CRF: fail now if pydensecrf or the unary setting is missing
         self.head: Optional[torch.nn.Module] = None
         self.backbone: Optional[torch.nn.Module] = None
         self.stored: Optional[StoredLevels] = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,6 +87,17 @@ def choose_mask_threshold(ctx: StageContext, ds, cam_dir, ids: list[str]) -> tup
     return threshold, rule, {**details, "reference_images": len(subset), "reference_size": size}
 
 
+def threshold_maps_dir(maker, cam_dir: Path, mc) -> Path:
+    """The folder whose maps pick the label-free threshold (`maker.threshold_cam_dir`). area_match re-makes the
+    cams stage's CAMs at the classifier's size, so a maker that thresholds other maps (fusion) is refused."""
+    threshold_dir = maker.threshold_cam_dir(cam_dir)
+    if threshold_dir != cam_dir and mc.bg_threshold_rule == "area_match" and mc.bg_threshold < 0:
+        raise StageError(f"masks.bg_threshold_rule=area_match re-makes the cams stage's CAMs at the classifier's "
+                         f"size, but masks.method={mc.method} thresholds other maps ({threshold_dir}); "
+                         "use masks.bg_threshold_rule=otsu or a fixed masks.bg_threshold")
+    return threshold_dir
+
+
 class MaskJob:
     """One image: CAM file + original RGB -> pseudo-mask PNG; returns its foreground fraction."""
 
@@ -153,11 +165,7 @@ def run(ctx: StageContext) -> dict:
     maker_metrics = maker.prepare(ctx, ds, cam_dir)  # e.g. trains the refiner, finds the agnostic CAMs
     rule, threshold_details = "n/a", {}
     if maker.needs_threshold:
-        threshold_dir = maker.threshold_cam_dir(cam_dir)
-        if threshold_dir != cam_dir and cfg.masks.bg_threshold_rule == "area_match" and cfg.masks.bg_threshold < 0:
-            raise StageError(f"masks.bg_threshold_rule=area_match re-makes the cams stage's CAMs at the classifier's "
-                             f"size, but masks.method={cfg.masks.method} thresholds other maps ({threshold_dir}); "
-                             "use masks.bg_threshold_rule=otsu or a fixed masks.bg_threshold")
+        threshold_dir = threshold_maps_dir(maker, cam_dir, cfg.masks)
         threshold, rule, threshold_details = choose_mask_threshold(ctx, ds, threshold_dir, ds.ids) \
             if dist.is_main_process() else (0.0, "", {})
         if threshold_dir != cam_dir:
