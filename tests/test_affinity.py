@@ -213,6 +213,46 @@ def test_affinity_maker_walks_then_thresholds(tmp_path):
     assert makers.threshold_labels(cams, np.array([5]), 0.4)[:, 17:].mean() < 1  # the peak alone covers less
 
 
+def test_walked_background_holds_a_class_to_its_cam_where_the_plane_lets_it_spread():
+    """On a featureless image every cell is alike, so the walk is a blur. Against a plane, the blurred CAM divided
+    by its max spreads past the CAM's square; walked with it, the background (1 - CAM)^alpha keeps it inside.
+    A weaker class on the same square stays below the stronger one, though both far outweigh the background."""
+    image = np.zeros((32, 32, 3), np.uint8)
+    cams = np.zeros((2, 32, 32), np.float32)
+    cams[:, 8:24, 8:24] = np.array([0.5, 1.0])[:, None, None]  # class 7 at 0.5, class 3 at 1.0
+    square = cams[1] > 0
+
+    class Featureless(torch.nn.Module):
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+        def forward_pyramid(self, x, n):
+            return [torch.nn.functional.avg_pool2d(x[:, :1], 4)] * n
+
+    masks = {}
+    for background in ("plane", "walked"):
+        cfg = load_config(None, TINY_DEMO + AFFINITY + ["masks.method=affinity", "masks.affinity_iterations=2",
+                                                        f"masks.affinity_background={background}"])
+        maker = build_mask_maker(cfg.masks)
+        maker.bg_threshold = 0.3
+        maker.backbone, maker.head = Featureless(), lambda levels: 0 * levels[0]
+        mask = maker.make(cams, np.array([7, 3]), image)
+        assert not (mask == 7).any()
+        masks[background] = mask == 3
+        maps = maker.walked(cams, image)
+        assert maps.max() <= 1.0 and (maps[1][square] > maps[0][square]).all()
+    assert masks["plane"].sum() > 1.2 * square.sum() and (masks["plane"] & ~square).any()
+    assert not (masks["walked"] & ~square).any() and masks["walked"].sum() > 0.8 * square.sum()
+
+
+def test_walked_background_needs_a_threshold_between_0_and_1():
+    maker = build_mask_maker(MaskCfg(method="affinity", affinity_background="walked"))
+    maker.head, maker.backbone, maker.bg_threshold = object(), object(), 1.0
+    with pytest.raises(ValueError, match="needs a background threshold in \\(0, 1\\), got 1.0"):
+        maker.walked(np.ones((1, 4, 4), np.float32), np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="masks.affinity_background must be plane or walked, got 'zero'"):
+        build_mask_maker(MaskCfg(method="affinity", affinity_background="zero"))
+
+
 def test_affinity_needs_a_cnn_classifier(tmp_path):
     cfg = load_config(None, TINY_DEMO + AFFINITY + [f"runs_dir={tmp_path}", "name=vit", "masks.method=affinity",
                                                     "train_cls.backbone=test_vit"])

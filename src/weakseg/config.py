@@ -192,6 +192,10 @@ class MaskCfg:
     affinity_radius: int = field(default=5, metadata=LATE)  # neighbours within this many grid cells
     affinity_beta: float = field(default=8.0, metadata=LATE)  # T = D^-1 A^beta (AffinityNet 8, IRN 10)
     affinity_iterations: int = field(default=256, metadata=LATE)  # walk steps (AffinityNet / IRN: T^256)
+    # the background against the walked CAMs: a constant plane at the stage's threshold t (IRN), or walked with them
+    # (AffinityNet: (1 - max CAM)^alpha, alpha = ln t / ln(1 - t) so that it equals the top CAM exactly at t)
+    affinity_background: str = field(default="plane", metadata=LATE)
+    affinity_background_power: float = field(default=0.0, metadata=LATE)  # walked: alpha; 0 = ln t / ln(1 - t)
 
 
 @dataclass

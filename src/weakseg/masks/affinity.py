@@ -350,10 +350,11 @@ def fit_affinity_for_run(ctx, ds, cam_dir: Path, backbone: nn.Module) -> tuple[A
 @torch.no_grad()
 def walk_image(backbone: nn.Module, head: AffinityHead, image: np.ndarray, cams: np.ndarray, image_size: int,
                radius: int, beta: float, iterations: int, device: torch.device | str = "cpu",
-               levels: Optional[list[torch.Tensor]] = None) -> np.ndarray:
+               levels: Optional[list[torch.Tensor]] = None, background: Optional[np.ndarray] = None) -> np.ndarray:
     """image (H, W, 3) uint8, cams (K, H, W) -> walked scores (K, H, W) float32, divided by their global max.
 
     `levels`: the backbone's levels of this image at `image_size` if already at hand (`StoredLevels`).
+    `background` (H, W): a background map walked with the CAMs -> (1 + K, H, W), the background first.
     """
     from weakseg.data.torch_datasets import resize_image, to_float_tensor
     from weakseg.models.backbones import normalizer
@@ -364,6 +365,8 @@ def walk_image(backbone: nn.Module, head: AffinityHead, image: np.ndarray, cams:
     if levels is None:
         x = resize_image(to_float_tensor(image), (image_size, image_size))[None].to(device)
         levels = backbone.forward_pyramid(normalizer(backbone.mean, backbone.std)(x), AFFINITY_LEVELS)
+    if background is not None:
+        cams = np.concatenate([background[None], cams]).astype(np.float32)
     embedding = head([level.to(device) for level in levels])  # (1, E, gh, gw)
     offsets = disk_offsets(radius)
     dist, inside = pair_distances(embedding, offsets)

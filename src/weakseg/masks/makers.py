@@ -9,6 +9,7 @@ per image (keyword inputs of `make`, e.g. the fusion maker's foreground map) and
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -243,6 +244,8 @@ class AffinityMaker(MaskMaker):
         super().__init__(cfg)
         if cfg.affinity_seeds not in ("cams", "crf"):
             raise ValueError(f"masks.affinity_seeds must be cams or crf, got {cfg.affinity_seeds!r}")
+        if cfg.affinity_background not in ("plane", "walked"):
+            raise ValueError(f"masks.affinity_background must be plane or walked, got {cfg.affinity_background!r}")
         if cfg.affinity_seeds == "crf":
             CrfMaker(cfg)  # the seeds' CRF: fail now if pydensecrf or the unary setting is missing
         self.head: Optional[torch.nn.Module] = None
@@ -278,14 +281,31 @@ class AffinityMaker(MaskMaker):
             self.stored.delete()
 
     def walked(self, cams: np.ndarray, image: np.ndarray, levels: Optional[list] = None) -> np.ndarray:
-        """(K, H, W) CAMs -> (K, H, W) walked maps, global max 1."""
+        """(K, H, W) CAMs -> (K, H, W) walked maps in [0, 1], to be set against the plane at `bg_threshold`.
+
+        affinity_background=plane: the walked CAMs, global max 1 (IRN). walked: the background map
+        (1 - max CAM)^alpha walks with them (AffinityNet; alpha = affinity_background_power, by default the one
+        that makes it equal the top CAM at t), and a class's map is t x walked CAM / walked background,
+        so that it clears the plane t exactly where the walked CAM outweighs the walked background (a pixel whose
+        top map exceeds 1 has all its maps divided by that top).
+        """
         from weakseg.masks.affinity import walk_image
 
         if self.head is None or self.backbone is None:
             raise RuntimeError(f"{type(self).__name__}.prepare(ctx, ds, cam_dir) must run before make()")
-        cfg = self.cfg
-        return walk_image(self.backbone, self.head, image, cams, cfg.affinity_image_size, cfg.affinity_radius,
-                          cfg.affinity_beta, cfg.affinity_iterations, self.device, levels)
+        cfg, t = self.cfg, self.bg_threshold
+        background = None
+        if cfg.affinity_background == "walked" and cams.shape[0] > 0:
+            if not 0.0 < t < 1.0:
+                raise ValueError(f"masks.affinity_background=walked needs a background threshold in (0, 1), got {t}")
+            power = cfg.affinity_background_power or math.log(t) / math.log(1.0 - t)
+            background = (1.0 - cams.max(axis=0)) ** power
+        walked = walk_image(self.backbone, self.head, image, cams, cfg.affinity_image_size, cfg.affinity_radius,
+                            cfg.affinity_beta, cfg.affinity_iterations, self.device, levels, background)
+        if background is None:
+            return walked
+        scores = t * walked[1:] / np.maximum(walked[0], 1e-6)
+        return (scores / np.maximum(scores.max(axis=0), 1.0)).astype(np.float32)  # top <= 1, the classes' order kept
 
     def make(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray,
              levels: Optional[list] = None) -> np.ndarray:
