@@ -251,6 +251,8 @@ def test_walked_background_needs_a_threshold_between_0_and_1():
         maker.walked(np.ones((1, 4, 4), np.float32), np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="masks.affinity_background must be plane or walked, got 'zero'"):
         build_mask_maker(MaskCfg(method="affinity", affinity_background="zero"))
+    with pytest.raises(ValueError, match="masks.affinity_background_power must be >= 0"):
+        build_mask_maker(MaskCfg(method="affinity", affinity_background="walked", affinity_background_power=-2.0))
 
 
 def test_affinity_needs_a_cnn_classifier(tmp_path):

@@ -246,6 +246,9 @@ class AffinityMaker(MaskMaker):
             raise ValueError(f"masks.affinity_seeds must be cams or crf, got {cfg.affinity_seeds!r}")
         if cfg.affinity_background not in ("plane", "walked"):
             raise ValueError(f"masks.affinity_background must be plane or walked, got {cfg.affinity_background!r}")
+        if cfg.affinity_background_power < 0:
+            raise ValueError(f"masks.affinity_background_power must be >= 0 (0: from the threshold), "
+                             f"got {cfg.affinity_background_power}")
         if cfg.affinity_seeds == "crf":
             CrfMaker(cfg)  # the seeds' CRF: fail now if pydensecrf or the unary setting is missing
         self.head: Optional[torch.nn.Module] = None
@@ -299,7 +302,7 @@ class AffinityMaker(MaskMaker):
             if not 0.0 < t < 1.0:
                 raise ValueError(f"masks.affinity_background=walked needs a background threshold in (0, 1), got {t}")
             power = cfg.affinity_background_power or math.log(t) / math.log(1.0 - t)
-            background = (1.0 - cams.max(axis=0)) ** power
+            background = np.clip(1.0 - cams.max(axis=0), 0.0, 1.0) ** power
         walked = walk_image(self.backbone, self.head, image, cams, cfg.affinity_image_size, cfg.affinity_radius,
                             cfg.affinity_beta, cfg.affinity_iterations, self.device, levels, background)
         if background is None:
