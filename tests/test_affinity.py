@@ -168,12 +168,14 @@ AFFINITY = ["masks.affinity_epochs=2", "masks.affinity_batch_size=4", "masks.aff
             "masks.affinity_radius=2", "masks.affinity_iterations=8"]
 
 
-@pytest.mark.parametrize("method,seeds", [("affinity", "cams"), ("affinity_crf", "cams"), ("affinity", "crf")])
-def test_masks_stage_trains_the_affinity_head_and_walks_the_cams(tmp_path, method, seeds):
+@pytest.mark.parametrize("method,seeds,background", [("affinity", "cams", "plane"), ("affinity_crf", "cams", "plane"),
+                                                     ("affinity", "crf", "plane"), ("affinity_crf", "crf", "walked")])
+def test_masks_stage_trains_the_affinity_head_and_walks_the_cams(tmp_path, method, seeds, background):
     if method == "affinity_crf" or seeds == "crf":
         pytest.importorskip("pydensecrf.densecrf")
     cfg = load_config(None, TINY_DEMO + AFFINITY + [f"runs_dir={tmp_path}", "name=aff", f"masks.method={method}",
-                                                    "masks.bg_threshold=0.5", f"masks.affinity_seeds={seeds}"])
+                                                    "masks.bg_threshold=0.5", f"masks.affinity_seeds={seeds}",
+                                                    f"masks.affinity_background={background}"])
     ds = fake_upstream(cfg)
     metrics = masks_stage(cfg)
     seed_maps = sorted(p.stem for p in (cfg.run_dir / "masks" / "affinity_seeds").glob("*.png"))
@@ -244,7 +246,7 @@ def test_walked_background_holds_a_class_to_its_cam_where_the_plane_lets_it_spre
     assert not (masks["walked"] & ~square).any() and masks["walked"].sum() > 0.8 * square.sum()
 
 
-def test_walked_background_needs_a_threshold_between_0_and_1():
+def test_walked_background_refuses_bad_settings():
     maker = build_mask_maker(MaskCfg(method="affinity", affinity_background="walked"))
     maker.head, maker.backbone, maker.bg_threshold = object(), object(), 1.0
     with pytest.raises(ValueError, match="needs a background threshold in \\(0, 1\\), got 1.0"):
