@@ -1,11 +1,11 @@
 """Training throughput of weakseg's engine vs a bare forward+backward loop of the same model.
 
-    python -m bench.train_throughput [--images 192] [--size 128] [--batch 16] [--workers 0]
+    python -m bench.train_throughput [--images 192] [--size 128] [--batch 16] [--workers 0] [--precision fp32]
 
 Ours = `weakseg.train.loop.fit` on the demo dataset (decoding, augmentation, DataLoader, scheduler,
 logging, checkpoint) for the classifier and the segmentation model; bare = the same model, loss and
 optimizer on pre-made tensors. Target ratio ours/bare >= 0.9. `--workers 1` on a 2-core machine shows what a
-DataLoader worker beside torch's two threads costs (docs/performance.md).
+DataLoader worker beside torch's two threads costs; `--precision bf16` the CPU's bf16 autocast (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -30,21 +30,22 @@ from weakseg.runs import StageContext
 from weakseg.train.loop import fit
 
 
-def bare_loop(model, loss_of, batches) -> float:
-    """The same model, loss and optimizer on pre-made (channels-last, as `fit` uses) tensors."""
+def bare_loop(model, loss_of, batches, precision: str) -> float:
+    """The same model, loss, optimizer and autocast on pre-made (channels-last, as `fit` uses) tensors."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     dist.channels_last(model).train()
     t0 = time.perf_counter()
     for x, y in batches:
-        loss = loss_of(model, x, y)
+        with dist.autocast(torch.device("cpu"), precision):
+            loss = loss_of(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return time.perf_counter() - t0
 
 
-def ours_loop(model, loss_of, dataset, batch, tmp: Path, workers: int) -> float:
-    cfg = PipelineCfg(runs_dir=str(tmp), name="bench")
+def ours_loop(model, loss_of, dataset, batch, tmp: Path, workers: int, precision: str) -> float:
+    cfg = PipelineCfg(runs_dir=str(tmp), name="bench", precision=precision)
     ctx = StageContext(cfg, "bench", torch.device("cpu"))
     ctx.out.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -61,6 +62,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = p.parse_args()
     ds = DemoDataset("train", args.images, 0, args.size)
     n_batches = args.images // args.batch
@@ -76,7 +78,7 @@ def main() -> None:
     norm_s = normalizer(seg.mean, seg.std)
 
     def seg_loss(m, x, y):
-        return F.cross_entropy(m(norm_s(x)), y, ignore_index=255)
+        return F.cross_entropy(m(norm_s(x)).float(), y, ignore_index=255)
 
     def image_batch():
         return dist.channels_last(torch.rand(args.batch, 3, args.size, args.size))
@@ -91,14 +93,14 @@ def main() -> None:
             ("segmentation", seg, seg_loss, seg_batches,
              SegmentationDataset(ds, list(range(args.images)), ds.mask, args.size, train=True)),
         ]:
-            bare_loop(model, loss_of, bare_batches[:1])  # warm-up
-            t_bare = bare_loop(model, loss_of, bare_batches)
-            t_ours = ours_loop(model, loss_of, dataset, args.batch, Path(tmp) / name, args.workers)
+            bare_loop(model, loss_of, bare_batches[:1], args.precision)  # warm-up
+            t_bare = bare_loop(model, loss_of, bare_batches, args.precision)
+            t_ours = ours_loop(model, loss_of, dataset, args.batch, Path(tmp) / name, args.workers, args.precision)
             n = n_batches * args.batch
             results[name] = {"bare_images_per_s": n / t_bare, "ours_images_per_s": n / t_ours,
                              "ratio_ours_over_bare": t_bare / t_ours}
     write_result("train_throughput", {"images": args.images, "size": args.size, "batch": args.batch,
-                                      "workers": args.workers, "target_ratio": 0.9, **results})
+                                      "workers": args.workers, "precision": args.precision, "target_ratio": 0.9, **results})
 
 
 if __name__ == "__main__":

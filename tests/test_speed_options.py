@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from weakseg import dist
-from weakseg.config import PipelineCfg
+from weakseg.config import PipelineCfg, load_config, to_dict
 from weakseg.models.inference import SegPredictor
-from weakseg.runs import StageContext
+from weakseg.runs import StageContext, stage_fingerprint
 from weakseg.train.loop import fit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -60,6 +62,26 @@ def test_precision_auto_is_fp32_on_the_cpu_and_bad_names_list_the_valid_ones():
     assert dist.resolve_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ValueError, match="fp32, bf16, fp16"):
         dist.resolve_precision("half", torch.device("cpu"))
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_emulated(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.warns(RuntimeWarning, match="emulated"):
+        assert dist.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dist.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+        assert dist.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_a_set_precision_is_part_of_the_fingerprints_of_the_stages_that_run_a_network():
+    auto, bf16 = load_config(None), load_config(None, ["precision=bf16"])
+    assert "precision" not in to_dict(auto)  # LATE: runs recorded before the key keep their fingerprints
+    for stage in ("train-cls", "cams", "train-seg", "evaluate"):
+        assert stage_fingerprint(bf16, stage) != stage_fingerprint(auto, stage), stage
+    assert stage_fingerprint(bf16, "masks") == stage_fingerprint(auto, "masks")  # no autocast there
+    assert stage_fingerprint(load_config(None, ["precision=fp32"]), "cams") != stage_fingerprint(bf16, "cams")
 
 
 @pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])

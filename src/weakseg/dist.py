@@ -141,6 +141,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """auto -> bf16 autocast on CUDA devices that support it, else fp16 on CUDA, fp32 on the CPU."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        warnings.warn("precision=bf16 on a CPU without native bf16 instructions (avx512_bf16 / AMX): emulated, "
+                      "so likely slower than fp32", RuntimeWarning, stacklevel=2)
     if precision != "auto":
         return precision
     if device.type != "cuda":

@@ -43,6 +43,8 @@ STAGE_SECTIONS = {
     "train-seg": ["seed", "train_seg"],
     "evaluate": ["evaluate"],
 }
+# Stages whose networks run under `precision` autocast; a set precision (not auto) is part of their fingerprints.
+PRECISION_STAGES = ("train-cls", "cams", "train-seg", "evaluate")
 UPSTREAM = {
     "train-cls": [],
     "cams": ["train-cls"],
@@ -122,6 +124,8 @@ def stage_fingerprint(cfg: PipelineCfg, stage: str, legacy: bool = False) -> str
     computed before some speed-only keys left the hash; see `accepted_fingerprints`)."""
     tree = to_dict(cfg, legacy)
     own = {k: tree[k] for k in STAGE_SECTIONS[stage]}
+    if stage in PRECISION_STAGES and "precision" in tree:  # absent at auto (LATE): older fingerprints hold
+        own["precision"] = tree["precision"]
     inference_only = {section: {k: tree[section].pop(k) for k in keys if k in tree[section]}
                       for section, keys in inference_only_keys(cfg).items()}
     if stage == "evaluate" and any(inference_only.values()):  # how the model predicts: scored, not trained
