@@ -100,7 +100,8 @@ def main() -> None:
             results[name] = {"bare_images_per_s": n / t_bare, "ours_images_per_s": n / t_ours,
                              "ratio_ours_over_bare": t_bare / t_ours}
     write_result("train_throughput", {"images": args.images, "size": args.size, "batch": args.batch,
-                                      "workers": args.workers, "precision": args.precision, "target_ratio": 0.9, **results})
+                                      "workers": args.workers, "precision": args.precision, "target_ratio": 0.9,
+                                      **results})
 
 
 if __name__ == "__main__":
