@@ -78,7 +78,7 @@ def main() -> None:
     norm_s = normalizer(seg.mean, seg.std)
 
     def seg_loss(m, x, y):
-        return F.cross_entropy(m(norm_s(x)).float(), y, ignore_index=255)
+        return F.cross_entropy(m(norm_s(x)), y, ignore_index=255)
 
     def image_batch():
         return dist.channels_last(torch.rand(args.batch, 3, args.size, args.size))

@@ -276,7 +276,7 @@ class PipelineCfg:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto = bf16 (or fp16 with loss scaling) autocast on CUDA, fp32 on the CPU | fp32 | bf16 | fp16.
-    # LATE: part of the fingerprints of the stages that run a network (runs.PRECISION_STAGES) when not auto.
+    # LATE: part of the fingerprints of the stages that run a network (runs.STAGE_SECTIONS) when not auto.
     precision: str = field(default="auto", metadata=LATE)
     compile: bool = False  # torch.compile the model of the training stages (first steps are slower)
     data: DataCfg = field(default_factory=DataCfg)

@@ -35,16 +35,15 @@ from weakseg.config import PipelineCfg, dump_yaml, inference_only_keys, to_dict,
 from weakseg.io import append_jsonl, read_json, write_json, write_text
 
 STAGES = ["train-cls", "cams", "masks", "train-seg", "evaluate"]
-# Config sections each stage depends on (besides its upstream stages' outputs).
+# Config sections each stage depends on (besides its upstream stages' outputs). `precision` is LATE (absent at
+# auto, so older fingerprints hold) and belongs to the stages whose networks run under its autocast (masks: none).
 STAGE_SECTIONS = {
-    "train-cls": ["seed", "data", "train_cls"],
-    "cams": ["cams"],
+    "train-cls": ["seed", "precision", "data", "train_cls"],
+    "cams": ["precision", "cams"],
     "masks": ["seed", "masks"],
-    "train-seg": ["seed", "train_seg"],
-    "evaluate": ["evaluate"],
+    "train-seg": ["seed", "precision", "train_seg"],
+    "evaluate": ["precision", "evaluate"],
 }
-# Stages whose networks run under `precision` autocast; a set precision (not auto) is part of their fingerprints.
-PRECISION_STAGES = ("train-cls", "cams", "train-seg", "evaluate")
 UPSTREAM = {
     "train-cls": [],
     "cams": ["train-cls"],
@@ -123,9 +122,7 @@ def stage_fingerprint(cfg: PipelineCfg, stage: str, legacy: bool = False) -> str
     """Hash of the stage's config sections plus the checksums of its upstream stages' markers (`legacy`: as
     computed before some speed-only keys left the hash; see `accepted_fingerprints`)."""
     tree = to_dict(cfg, legacy)
-    own = {k: tree[k] for k in STAGE_SECTIONS[stage]}
-    if stage in PRECISION_STAGES and "precision" in tree:  # absent at auto (LATE): older fingerprints hold
-        own["precision"] = tree["precision"]
+    own = {k: tree[k] for k in STAGE_SECTIONS[stage] if k in tree}  # LATE top-level keys at their default: absent
     inference_only = {section: {k: tree[section].pop(k) for k in keys if k in tree[section]}
                       for section, keys in inference_only_keys(cfg).items()}
     if stage == "evaluate" and any(inference_only.values()):  # how the model predicts: scored, not trained
