@@ -1,11 +1,13 @@
 """Training throughput of weakseg's engine vs a bare forward+backward loop of the same model.
 
     python -m bench.train_throughput [--images 192] [--size 128] [--batch 16] [--workers 0] [--precision fp32]
+                                     [--frozen-encoder-levels 0]
 
 Ours = `weakseg.train.loop.fit` on the demo dataset (decoding, augmentation, DataLoader, scheduler,
 logging, checkpoint) for the classifier and the segmentation model; bare = the same model, loss and
 optimizer on pre-made tensors. Target ratio ours/bare >= 0.9. `--workers 1` on a 2-core machine shows what a
-DataLoader worker beside torch's two threads costs; `--precision bf16` the CPU's bf16 autocast (docs/performance.md).
+DataLoader worker beside torch's two threads costs; `--precision bf16` the CPU's bf16 autocast;
+`--frozen-encoder-levels 2` the segmentation model with train_seg.frozen_encoder_levels=2 (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--frozen-encoder-levels", type=int, default=0)
     args = p.parse_args()
     ds = DemoDataset("train", args.images, 0, args.size)
     n_batches = args.images // args.batch
@@ -75,6 +78,7 @@ def main() -> None:
         return F.binary_cross_entropy_with_logits(m(norm_c(x)), y)
 
     seg = build_seg_model("lraspp_efficientnet_lite0", 6, pretrained=False)
+    seg.freeze_encoder_levels(args.frozen_encoder_levels)
     norm_s = normalizer(seg.mean, seg.std)
 
     def seg_loss(m, x, y):
@@ -100,7 +104,8 @@ def main() -> None:
             results[name] = {"bare_images_per_s": n / t_bare, "ours_images_per_s": n / t_ours,
                              "ratio_ours_over_bare": t_bare / t_ours}
     write_result("train_throughput", {"images": args.images, "size": args.size, "batch": args.batch,
-                                      "workers": args.workers, "precision": args.precision, "target_ratio": 0.9,
+                                      "workers": args.workers, "precision": args.precision,
+                                      "frozen_encoder_levels": args.frozen_encoder_levels, "target_ratio": 0.9,
                                       **results})
 
 

@@ -224,3 +224,15 @@ def test_local_checkpoint_file_loads_into_a_vit(tmp_path):
     torch.save({"model": src.model.state_dict()}, path)
     loaded = build_backbone("test_vit", pretrained=True, checkpoint=str(path))
     torch.testing.assert_close(loaded.model.pos_embed, src.model.pos_embed)
+
+
+def test_frozen_levels_of_a_vit_are_its_embeddings_and_first_blocks(test_vit):
+    torch.manual_seed(0)
+    vit = build_backbone("test_vit", pretrained=False)
+    names = [n for n, _ in vit.model.named_parameters()]
+    assert vit.freeze_levels(1) == next(i for i, n in enumerate(names) if n.startswith("blocks.1."))
+    frozen = {n for n, p in vit.model.named_parameters() if not p.requires_grad}
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"} <= frozen
+    assert not any(n.startswith(("blocks.1.", "norm.")) for n in frozen)
+    with pytest.raises(ValueError, match="not 9"):
+        vit.freeze_levels(9)

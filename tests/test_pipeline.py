@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from weakseg.cli import main
-from weakseg.config import load_config
+from weakseg.config import ConfigError, load_config
 from weakseg.pipeline import run_pipeline, run_stages
 from weakseg.runs import STAGES
 
@@ -73,6 +74,24 @@ def test_segmentation_encoder_can_start_from_the_runs_classifier(tiny_cfg, tiny_
     metrics = json.loads((changed.run_dir / "train-seg" / "metrics.json").read_text())
     assert metrics["encoder_init"].endswith("train-cls/model.pt")
     assert metrics["encoder_init_tensors"] == metrics["encoder_tensors"] > 0
+
+
+def test_frozen_encoder_levels_keep_the_classifiers_stem_through_training(tiny_cfg, tiny_overrides):
+    from weakseg.train.loop import load_checkpoint
+
+    changed = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + [
+        "train_seg.encoder_from_classifier=true", "train_seg.frozen_encoder_levels=1"])
+    run_pipeline(changed)
+    metrics = json.loads((changed.run_dir / "train-seg" / "metrics.json").read_text())
+    assert metrics["frozen_encoder_tensors"] > 0
+    classifier = load_checkpoint(changed.run_dir / "train-cls" / "model.pt")["model"]
+    segmenter = load_checkpoint(changed.run_dir / "train-seg" / "model.pt")["model"]
+    for key in ("conv_stem.weight", "blocks.0.0.conv.weight", "blocks.2.0.conv_exp.weight"):
+        same = torch.equal(segmenter[f"encoder.{key}"], classifier[f"backbone.model.{key}"])
+        assert same == key.startswith(("conv_stem", "blocks.0")), key  # level 1 frozen, level 3 trained
+    bad = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + ["train_seg.frozen_encoder_levels=9"])
+    with pytest.raises(ConfigError, match=r"train_seg\.frozen_encoder_levels=9: can freeze 0 to 5"):
+        run_pipeline(bad)
 
 
 def test_prior_match_calibration_is_fitted_by_train_seg_and_used_by_evaluate_and_predict(tiny_cfg, tiny_overrides):

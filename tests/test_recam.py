@@ -170,21 +170,19 @@ def test_the_blend_is_the_mean_of_the_max_normalised_recam_map_and_bce_cam():
         assert not torch.allclose(blend, per_map_max(recam), atol=1e-2)
 
 
-def test_train_cls_trains_a_bce_classifier_then_fine_tunes_it_as_recam(tmp_path, monkeypatch):
-    """ReCAM's schedule in one train-cls stage (train_cls.recam_epochs): phase 2 starts from phase 1's model.pt."""
+def run_recam_train_cls(tmp_path, monkeypatch, name: str, overrides: list[str], stages: list[str]):
+    """train-cls (ReCAM's two phases) on 16 tiny demo images with `_fit_classifier` spied on -> (results, calls:
+    (model class, epochs, lr, out, its state dict as the phase started) per phase)."""
     from pathlib import Path
 
     import weakseg.train.classifier as train_cls
-    from weakseg.io import read_json
     from weakseg.pipeline import run_stages
-    from weakseg.train.loop import load_checkpoint
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [
-        "name=e2e", f"runs_dir={tmp_path}", "device=cpu", "data.demo_train=16", "data.demo_test=4",
+        f"name={name}", f"runs_dir={tmp_path}", "device=cpu", "data.demo_train=16", "data.demo_test=4",
         "data.demo_size=64", "train_cls.pretrained=false", "train_cls.backbone=test_efficientnet",
         "train_cls.batch_size=8", "train_cls.image_size=64", "cams.scales=[1.0]", "train_cls.model=recam",
-        "cams.method=recam", "train_cls.epochs=2", "train_cls.lr=0.002", "train_cls.recam_epochs=1",
-        "train_cls.recam_lr=0.0003"])
+        "cams.method=recam", *overrides])
     calls, real = [], train_cls._fit_classifier
 
     def spy(ctx, model, ds, train_idx, val_idx, epochs, lr, out=None):
@@ -193,7 +191,17 @@ def test_train_cls_trains_a_bce_classifier_then_fine_tunes_it_as_recam(tmp_path,
         return real(ctx, model, ds, train_idx, val_idx, epochs, lr, out)
 
     monkeypatch.setattr(train_cls, "_fit_classifier", spy)
-    results = run_stages(cfg, ["train-cls", "cams"])
+    return run_stages(cfg, stages), calls
+
+
+def test_train_cls_trains_a_bce_classifier_then_fine_tunes_it_as_recam(tmp_path, monkeypatch):
+    """ReCAM's schedule in one train-cls stage (train_cls.recam_epochs): phase 2 starts from phase 1's model.pt."""
+    from weakseg.io import read_json
+    from weakseg.train.loop import load_checkpoint
+
+    results, calls = run_recam_train_cls(tmp_path, monkeypatch, "e2e", [
+        "train_cls.epochs=2", "train_cls.lr=0.002", "train_cls.recam_epochs=1", "train_cls.recam_lr=0.0003"],
+        ["train-cls", "cams"])
     assert results["train-cls"]["status"] == results["cams"]["status"] == "ran"
     stage = tmp_path / "e2e" / "train-cls"
     assert [c[:4] for c in calls] == [("CamClassifier", 2, 0.002, stage / "bce"), ("ReCAMClassifier", 1, 0.0003, None)]
@@ -207,3 +215,24 @@ def test_train_cls_trains_a_bce_classifier_then_fine_tunes_it_as_recam(tmp_path,
     assert len(list((tmp_path / "e2e" / "cams" / "cams").glob("*.npz"))) == 16
     with pytest.raises(ConfigError, match="recam_epochs"):
         check_model_for_method(load_config(None, ["train_cls.recam_epochs=2"]))
+
+
+def test_frozen_backbone_levels_hold_the_stem_in_both_phases_of_train_cls(tmp_path, monkeypatch):
+    import weakseg.train.classifier as train_cls
+    from weakseg.io import read_json
+    from weakseg.train.loop import load_checkpoint
+
+    results, calls = run_recam_train_cls(tmp_path, monkeypatch, "frozen", [
+        "train_cls.epochs=1", "train_cls.lr=0.01", "train_cls.backbone_lr_scale=1.0", "train_cls.recam_epochs=1",
+        "train_cls.frozen_backbone_levels=2"], ["train-cls"])
+    assert results["train-cls"]["status"] == "ran"
+    stage = tmp_path / "frozen" / "train-cls"
+    frozen = tuple(f"backbone.model.{m}." for m in ("conv_stem", "bn1", "blocks.0", "blocks.1"))
+    for (*_, start), path in zip(calls, [stage / "bce" / "model.pt", stage / "model.pt"], strict=True):
+        trained = load_checkpoint(path)["model"]
+        weights = [k for k in trained if k.endswith(".weight") and k.startswith("backbone.model.")]
+        for key in weights:  # frozen: as the phase started (the stem as initialised); later levels: trained
+            assert torch.equal(trained[key], start[key]) == key.startswith(frozen), (path, key)
+    assert read_json(stage / "metrics.json")["frozen_backbone_tensors"] > 0
+    with pytest.raises(ConfigError, match=r"frozen_backbone_levels=1: Linear has no timm backbone"):
+        train_cls.freeze_backbone_levels(torch.nn.Linear(2, 2), 1)

@@ -274,6 +274,36 @@ def test_encoder_starts_from_the_classifier_backbone(tmp_path, name):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in head_before.items())  # the head is untouched
 
 
+@pytest.mark.parametrize("name", ["lraspp_test_efficientnet", "unet_test_efficientnet"])
+def test_frozen_encoder_levels_get_no_gradient_and_no_optimiser_step(name):
+    torch.manual_seed(0)
+    model = build_seg_model(name, NUM_CLASSES, pretrained=False)
+    features = getattr(model.encoder_module(), "model", model.encoder_module())
+    leading = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")  # the stem and the stride-2 and stride-4 levels
+    expected = [n for n, _ in features.named_parameters() if n.startswith(leading)]
+    assert model.freeze_encoder_levels(2) == len(expected) > 0
+    frozen = {id(p) for n, p in features.named_parameters() if n in expected}
+    assert {id(p) for p in model.parameters() if not p.requires_grad} == frozen
+    in_groups = {id(p) for g in model.param_groups(1e-2, 0.1) for p in g["params"]}
+    assert not in_groups & frozen and len(in_groups) == sum(p.requires_grad for p in model.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimiser = torch.optim.SGD(model.param_groups(1e-1, 1.0), lr=1e-1)
+    F.cross_entropy(model(torch.rand(2, 3, 64, 64)), torch.randint(0, NUM_CLASSES, (2, 64, 64))).backward()
+    optimiser.step()
+    for n, p in model.named_parameters():
+        assert (p.grad is None) == (id(p) in frozen), n
+        assert torch.equal(p, before[n]) == (id(p) in frozen) or p.grad.abs().sum() == 0, n
+
+
+def test_frozen_encoder_levels_out_of_range_or_without_a_timm_encoder_are_errors():
+    model = build_seg_model("lraspp_test_efficientnet", NUM_CLASSES, pretrained=False)
+    with pytest.raises(ValueError, match=r"0 to 5 feature levels \(blocks\.0, blocks\.1, .*\), not 6"):
+        model.freeze_encoder_levels(6)
+    assert model.freeze_encoder_levels(0) == 0 and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="VisionTransformer has no timm feature levels to freeze"):
+        build_seg_model("segmenter_test_vit", NUM_CLASSES, pretrained=False).freeze_encoder_levels(1)
+
+
 def test_encoder_from_a_different_classifier_backbone_is_an_error(tmp_path):
     from weakseg.train.segmentation import init_encoder_from_classifier
 

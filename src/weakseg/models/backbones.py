@@ -186,6 +186,10 @@ class Backbone(nn.Module):
             self.prefix_tokens = 0
         self.feature_dim = int(self.model.num_features)
 
+    def freeze_levels(self, levels: int) -> int:
+        """No gradient for the stem and the first `levels` feature levels (`freeze_leading_levels`)."""
+        return freeze_leading_levels(self.model, levels)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, D, H/stride, W/stride)."""
         if self.is_vit:
@@ -320,3 +324,28 @@ def normalizer(mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[tor
 def feature_extractor_channels(model: nn.Module) -> Optional[list[int]]:
     info = getattr(model, "feature_info", None)
     return info.channels() if info is not None else None
+
+
+def freeze_leading_levels(features: nn.Module, levels: int) -> int:
+    """Stop gradients through the stem and the first `levels` feature levels of a timm model or feature extractor
+    (its `feature_info`), e.g. stride 2 and 4 for levels=2. Backpropagation then ends before the highest-resolution
+    layers, which cost the most. Batch norm still tracks batch statistics in train mode. Relies on timm registering
+    parameters in execution order. Returns the number of frozen tensors."""
+    info = getattr(features, "feature_info", None)
+    if hasattr(info, "module_name"):  # features_only: a FeatureInfo
+        names = info.module_name()
+    elif isinstance(info, list) and info and all("module" in level for level in info):  # a full model: dicts
+        names = [level["module"] for level in info]
+    else:
+        raise ValueError(f"{type(features).__name__} has no timm feature levels to freeze")
+    if not 0 <= levels <= len(names):
+        raise ValueError(f"can freeze 0 to {len(names)} feature levels ({', '.join(names)}), not {levels}")
+    if levels == 0:
+        return 0
+    params = list(features.named_parameters())
+    last = max((i for i, (n, _) in enumerate(params) if n.startswith(names[levels - 1] + ".")), default=None)
+    if last is None:
+        raise ValueError(f"{type(features).__name__}: no parameters under feature level module {names[levels - 1]!r}")
+    for _, p in params[:last + 1]:
+        p.requires_grad_(False)
+    return last + 1

@@ -16,7 +16,7 @@ from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 from torchvision.models.segmentation.lraspp import LRASPPHead
 
 from weakseg.models.backbones import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, build_backbone,
-                                      create_timm_model)
+                                      create_timm_model, freeze_leading_levels)
 
 
 def pad_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:
@@ -44,6 +44,13 @@ class SegModel(nn.Module):
             return []
         new = {id(p) for p in encoder.new_parameters()} if hasattr(encoder, "new_parameters") else set()
         return [p for p in encoder.parameters() if id(p) not in new]
+
+    def freeze_encoder_levels(self, levels: int) -> int:
+        """No gradient for the encoder's stem and first `levels` feature levels (timm encoders). -> frozen tensors."""
+        encoder = self.encoder_module()
+        if encoder is None:
+            raise ValueError(f"{type(self).__name__} has no separate encoder to freeze")
+        return freeze_leading_levels(getattr(encoder, "model", encoder), levels)  # smp wraps timm's in .model
 
     def param_groups(self, lr: float, encoder_lr_scale: float = 1.0, weight_decay: float = 0.0) -> list[dict]:
         """Optimiser groups: encoder at lr * encoder_lr_scale, the rest at lr (trainable parameters only)."""

@@ -196,7 +196,10 @@ def _fit_classifier(ctx: StageContext, model, ds, train_idx: list[int], val_idx:
         special = ClassSpecificTraining(ctx, model, ds, train_idx, val_idx, normalize)
         train_set, loss_fn, validate, batch_fn = special.train_set, special.loss_fn, special.validate, special.batches
 
-    optimizer = torch.optim.AdamW(model.param_groups(lr, tc.backbone_lr_scale, tc.weight_decay))
+    frozen = freeze_backbone_levels(model, tc.frozen_backbone_levels) if tc.frozen_backbone_levels else 0
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]}
+              for g in model.param_groups(lr, tc.backbone_lr_scale, tc.weight_decay)]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
     t0 = time.time()
     result = fit(ctx, model, train_set, loss_fn, optimizer, epochs, tc.batch_size, cfg.seed, validate=validate,
                  num_workers=tc.num_workers, checkpoint_every=tc.checkpoint_every, batch_fn=batch_fn, out=out)
@@ -209,7 +212,20 @@ def _fit_classifier(ctx: StageContext, model, ds, train_idx: list[int], val_idx:
         "val_loss": best.get("val_loss"),
         "val_mAP": best.get("val_mAP"),
         "train_seconds": round(time.time() - t0, 1),
+        **({"frozen_backbone_tensors": frozen} if frozen else {}),
     }
+
+
+def freeze_backbone_levels(model, levels: int) -> int:
+    """train_cls.frozen_backbone_levels on the model's timm backbone -> the number of frozen tensors."""
+    freeze = getattr(getattr(model, "backbone", None), "freeze_levels", None)
+    if freeze is None:
+        raise ConfigError(f"train_cls.frozen_backbone_levels={levels}: {type(model).__name__} has no timm backbone "
+                          "whose feature levels could be frozen")
+    try:
+        return freeze(levels)
+    except ValueError as e:
+        raise ConfigError(f"train_cls.frozen_backbone_levels={levels}: {e}") from None
 
 
 def check_no_empty_class(ds, data_cfg) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from weakseg import dist
+from weakseg.config import ConfigError
 from weakseg.data import seg_dataset, train_val_indices
 from weakseg.data.base import WeakSegDataset
 from weakseg.data.torch_datasets import SegmentationDataset
@@ -187,6 +188,12 @@ def run(ctx: StageContext) -> dict:
             model = build_seg_model(sc.model, ds.num_classes, sc.pretrained and not sc.encoder_from_classifier)
             init_info = (init_encoder_from_classifier(model, ctx.upstream("train-cls") / "model.pt")
                          if sc.encoder_from_classifier else {})
+        if sc.frozen_encoder_levels:
+            try:
+                frozen = model.freeze_encoder_levels(sc.frozen_encoder_levels)
+            except ValueError as e:
+                raise ConfigError(f"train_seg.frozen_encoder_levels={sc.frozen_encoder_levels}: {e}") from None
+            init_info = {**init_info, "frozen_encoder_tensors": frozen}
         normalize = normalizer(model.mean, model.std)
         train_set = SegmentationDataset(ds, train_idx, target, sc.crop_size, train=True, seed=cfg.seed)
         val_set = SegmentationDataset(ds, val_idx, target, sc.crop_size, train=False)
