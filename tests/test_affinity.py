@@ -130,6 +130,39 @@ def test_crf_seeds_are_the_two_pass_crf_band_on_the_grid(tmp_path):
     assert labelled and (seeds[1:] == IGNORE_INDEX).any() and (seeds[1:] == 0).any()
 
 
+def test_scaled_crf_seeds_run_both_passes_on_the_shrunk_image_with_scaled_kernels(tmp_path):
+    """masks.affinity_seed_scale=0.5: the seed maps are the two-pass CRF of the half-size image and CAMs with the
+    spatial kernel widths halved, sampled on the grid like full-size ones."""
+    pytest.importorskip("pydensecrf.densecrf")
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from weakseg.io import load_cam
+    from weakseg.masks.affinity import crf_seed_grid
+    from weakseg.masks.makers import CrfMaker
+    from weakseg.masks.stage import upsample_cam
+
+    cfg = load_config(None, TINY_DEMO + [f"runs_dir={tmp_path}", "name=seeds", "masks.num_workers=0",
+                                         "masks.affinity_seed_scale=0.5", "masks.crf_bilateral_sxy=20"])
+    ds = fake_upstream(cfg)
+    ctx = SimpleNamespace(cfg=cfg, out=tmp_path / "stage")
+    cam_dir = cfg.run_dir / "cams" / "cams"
+    seeds = crf_seed_grid(ctx, ds, cam_dir, (8, 8), seed_low=0.1, seed_high=0.5)
+    band = CrfMaker(replace(cfg.masks, method="crf", ignore_low=0.1, ignore_high=0.5, crf_gaussian_sxy=1.5,
+                            crf_bilateral_sxy=10.0))
+    for i in range(len(ds)):
+        cam, classes, size = load_cam(cam_dir / f"{ds.ids[i]}.npz")
+        assert size == (32, 32)
+        half = np.array(Image.fromarray(ds.image(i)).resize((16, 16), Image.BILINEAR))
+        expected = band.make(upsample_cam(cam, (16, 16)), classes, half)
+        assert (load_label_png(ctx.out / "affinity_seeds" / f"{ds.ids[i]}.png") == expected).all()
+        assert (seeds[i] == expected[1::2, 1::2]).all()  # nearest: each 2 x 2 cell's pixel (1, 1)
+    with pytest.raises(ValueError, match=r"masks.affinity_seed_scale must be in \(0, 1\], got 1.5"):
+        build_mask_maker(MaskCfg(method="affinity_crf", affinity_seed_scale=1.5))
+
+
 def toy_affinity_data(n: int = 16, size: int = 8, seed: int = 0) -> AffinitySeeds:
     """Features whose channel 0 marks the right half (plus noise); seeds: left bg, right class 1, a third ignored."""
     rng = np.random.default_rng(seed)

@@ -189,6 +189,10 @@ class MaskCfg:
     affinity_seeds: str = field(default="cams", metadata=LATE)
     affinity_seed_low: float = field(default=0.1, metadata=LATE)
     affinity_seed_high: float = field(default=0.5, metadata=LATE)
+    # crf seeds: the two passes run on the image and CAMs resized by this factor, with the kernels' spatial widths
+    # (sxy) scaled alike; the seeds are sampled on the affinity grid (image size / 8), far coarser. 0.5: ~4 x
+    # cheaper passes (docs/results.md)
+    affinity_seed_scale: float = field(default=1.0, metadata=LATE)
     affinity_epochs: int = field(default=3, metadata=LATE)
     affinity_batch_size: int = field(default=16, metadata=LATE)
     affinity_lr: float = field(default=1e-3, metadata=LATE)  # Adam

@@ -252,8 +252,8 @@ def crf_seed_grid(ctx, ds, cam_dir: Path, grid: tuple[int, int], seed_low: float
     image's CAMs, class where the pass with its background plane at `seed_high` says foreground, 0 where the
     pass at `seed_low` says background, 255 elsewhere; sampled at the grid cells' centres.
 
-    The full-size seed maps go to `<stage>/affinity_seeds/` (in `masks.num_workers` processes); a resumed
-    attempt keeps the ones already written.
+    The seed maps (full size, or `masks.affinity_seed_scale` of it) go to `<stage>/affinity_seeds/` (in
+    `masks.num_workers` processes); a resumed attempt keeps the ones already written.
     """
     from dataclasses import replace
 
@@ -261,11 +261,15 @@ def crf_seed_grid(ctx, ds, cam_dir: Path, grid: tuple[int, int], seed_low: float
     from weakseg.masks.makers import CrfMaker
     from weakseg.masks.stage import MaskJob, make_masks
 
+    mc = ctx.cfg.masks
+    scale = mc.affinity_seed_scale  # in (0, 1]: checked by the affinity makers
     seed_dir = ctx.out / "affinity_seeds"
     seed_dir.mkdir(parents=True, exist_ok=True)
-    maker = CrfMaker(replace(ctx.cfg.masks, method="crf", ignore_low=seed_low, ignore_high=seed_high))
+    maker = CrfMaker(replace(mc, method="crf", ignore_low=seed_low, ignore_high=seed_high,
+                             crf_gaussian_sxy=mc.crf_gaussian_sxy * scale,
+                             crf_bilateral_sxy=mc.crf_bilateral_sxy * scale))
     todo = [i for i, sid in enumerate(ds.ids) if not (seed_dir / f"{sid}.png").exists()]
-    make_masks(MaskJob(ds, maker, cam_dir, seed_dir, binary=False), todo, ctx.cfg.masks.num_workers,
+    make_masks(MaskJob(ds, maker, cam_dir, seed_dir, binary=False, scale=scale), todo, mc.num_workers,
                desc="affinity seeds (CRF)")
     seeds = np.empty((len(ds.ids), *grid), dtype=np.uint8)
     for n, sid in enumerate(ds.ids):

@@ -244,6 +244,8 @@ class AffinityMaker(MaskMaker):
         super().__init__(cfg)
         if cfg.affinity_seeds not in ("cams", "crf"):
             raise ValueError(f"masks.affinity_seeds must be cams or crf, got {cfg.affinity_seeds!r}")
+        if not 0 < cfg.affinity_seed_scale <= 1:
+            raise ValueError(f"masks.affinity_seed_scale must be in (0, 1], got {cfg.affinity_seed_scale}")
         if cfg.affinity_background not in ("plane", "walked"):
             raise ValueError(f"masks.affinity_background must be plane or walked, got {cfg.affinity_background!r}")
         if cfg.affinity_background_power < 0:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from weakseg import dist
@@ -99,10 +100,12 @@ def threshold_maps_dir(maker, cam_dir: Path, mc) -> Path:
 
 
 class MaskJob:
-    """One image: CAM file + original RGB -> pseudo-mask PNG; returns its foreground fraction."""
+    """One image: CAM file + original RGB -> pseudo-mask PNG; returns its foreground fraction. With `scale` < 1 the
+    image and the CAMs are shrunk by it first (the mask PNG too)."""
 
-    def __init__(self, ds, maker, cam_dir, out_dir, binary: bool):
+    def __init__(self, ds, maker, cam_dir, out_dir, binary: bool, scale: float = 1.0):
         self.ds, self.maker, self.cam_dir, self.out_dir, self.binary = ds, maker, cam_dir, out_dir, binary
+        self.scale = scale
 
     def __call__(self, i: int) -> float:
         ds = self.ds
@@ -111,6 +114,9 @@ class MaskJob:
         if tuple(image.shape[:2]) != tuple(size):
             raise StageError(f"{ds.source(i)}: image is {image.shape[1]}x{image.shape[0]} but its CAM was made "
                              f"for {size[1]}x{size[0]}")
+        if self.scale != 1.0:
+            size = (max(1, round(size[0] * self.scale)), max(1, round(size[1] * self.scale)))
+            image = np.array(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
         mask = self.maker.make(upsample_cam(cam, size), classes, image, **self.maker.extra_inputs(ds.ids[i], size))
         if self.binary:
             mask = collapse_to_binary(mask)
