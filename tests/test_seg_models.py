@@ -295,13 +295,13 @@ def test_frozen_encoder_levels_get_no_gradient_and_no_optimiser_step(name):
         assert torch.equal(p, before[n]) == (id(p) in frozen) or p.grad.abs().sum() == 0, n
 
 
-def test_frozen_encoder_levels_out_of_range_or_without_a_timm_encoder_are_errors():
+def test_frozen_encoder_levels_out_of_range_or_on_a_torchvision_encoder_are_errors():
     model = build_seg_model("lraspp_test_efficientnet", NUM_CLASSES, pretrained=False)
     with pytest.raises(ValueError, match=r"0 to 5 feature levels \(blocks\.0, blocks\.1, .*\), not 6"):
         model.freeze_encoder_levels(6)
     assert model.freeze_encoder_levels(0) == 0 and all(p.requires_grad for p in model.parameters())
-    with pytest.raises(ValueError, match="VisionTransformer has no timm feature levels to freeze"):
-        build_seg_model("segmenter_test_vit", NUM_CLASSES, pretrained=False).freeze_encoder_levels(1)
+    with pytest.raises(ValueError, match="IntermediateLayerGetter has no timm feature levels to freeze"):
+        build_seg_model("lraspp_mobilenet_v3_large", NUM_CLASSES, pretrained=False).freeze_encoder_levels(1)
 
 
 def test_encoder_from_a_different_classifier_backbone_is_an_error(tmp_path):
