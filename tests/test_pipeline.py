@@ -76,7 +76,7 @@ def test_segmentation_encoder_can_start_from_the_runs_classifier(tiny_cfg, tiny_
     assert metrics["encoder_init_tensors"] == metrics["encoder_tensors"] > 0
 
 
-def test_frozen_encoder_levels_keep_the_classifiers_stem_through_training(tiny_cfg, tiny_overrides):
+def test_frozen_encoder_levels_keep_the_classifiers_stem_through_training(tiny_overrides):
     from weakseg.train.loop import load_checkpoint
 
     changed = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + [
