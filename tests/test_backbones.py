@@ -226,6 +226,21 @@ def test_local_checkpoint_file_loads_into_a_vit(tmp_path):
     torch.testing.assert_close(loaded.model.pos_embed, src.model.pos_embed)
 
 
+def test_a_level_without_weights_freezes_everything_before_the_next_level():
+    """timm's ResNet: level 1 is act1 (stride 2, no parameters); freezing it freezes conv1 and bn1, not layer1."""
+    import timm
+
+    from weakseg.models.backbones import freeze_leading_levels
+
+    features = timm.create_model("resnet18", pretrained=False, features_only=True)
+    assert features.feature_info.module_name()[:2] == ["act1", "layer1"]
+    assert freeze_leading_levels(features, 1) == 3  # conv1.weight, bn1.weight, bn1.bias
+    frozen = [n for n, p in features.named_parameters() if not p.requires_grad]
+    assert frozen == ["conv1.weight", "bn1.weight", "bn1.bias"]
+    assert freeze_leading_levels(features, 2) == 3 + sum(1 for n, _ in features.named_parameters()
+                                                         if n.startswith("layer1."))
+
+
 def test_frozen_levels_of_a_vit_are_its_embeddings_and_first_blocks(test_vit):
     torch.manual_seed(0)
     vit = build_backbone("test_vit", pretrained=False)

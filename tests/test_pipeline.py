@@ -94,6 +94,21 @@ def test_frozen_encoder_levels_keep_the_classifiers_stem_through_training(tiny_o
         run_pipeline(bad)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train_cls.frozen_backbone_levels=-1", r"train_cls\.frozen_backbone_levels=-1: .* 0 or more"),
+    ("train_seg.frozen_encoder_levels=-2", r"train_seg\.frozen_encoder_levels=-2: .* 0 or more"),
+    ("masks.affinity_seed_scale=0", r"masks\.affinity_seed_scale must be in \(0, 1\], got 0"),
+    ("masks.method=affinity_crf masks.affinity_background=flat", r"affinity_background must be plane or walked"),
+    ("masks.method=walk", r"unknown mask maker 'walk'; valid names: .*affinity_crf"),
+])
+def test_bad_settings_of_a_later_stage_are_refused_before_the_first_stage_runs(tiny_overrides, override, message):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + ["masks.method=affinity_crf"] + override.split())
+    with pytest.raises(ValueError, match=message):
+        run_pipeline(cfg)
+    assert not (cfg.run_dir / "train-cls").exists()
+    run_stages(cfg, ["evaluate"], dry_run=True)  # a stage that does not read the setting is not refused
+
+
 def test_prior_match_calibration_is_fitted_by_train_seg_and_used_by_evaluate_and_predict(tiny_cfg, tiny_overrides):
     from weakseg.predict import load_predictor
 

@@ -222,10 +222,20 @@ def test_frozen_backbone_levels_hold_the_stem_in_both_phases_of_train_cls(tmp_pa
     from weakseg.io import read_json
     from weakseg.train.loop import load_checkpoint
 
+    optimised = []  # per phase: (tensors given to the optimiser that need no gradient, tensors given)
+
+    class SpyAdamW(torch.optim.AdamW):
+        def __init__(self, groups, **kwargs):
+            params = [p for g in groups for p in g["params"]]
+            optimised.append((sum(not p.requires_grad for p in params), len(params)))
+            super().__init__(groups, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
     results, calls = run_recam_train_cls(tmp_path, monkeypatch, "frozen", [
         "train_cls.epochs=1", "train_cls.lr=0.01", "train_cls.backbone_lr_scale=1.0", "train_cls.recam_epochs=1",
         "train_cls.frozen_backbone_levels=2"], ["train-cls"])
     assert results["train-cls"]["status"] == "ran"
+    assert len(optimised) == 2 and all(frozen == 0 and given > 0 for frozen, given in optimised)
     stage = tmp_path / "frozen" / "train-cls"
     frozen = tuple(f"backbone.model.{m}." for m in ("conv_stem", "bn1", "blocks.0", "blocks.1"))
     for (*_, start), path in zip(calls, [stage / "bce" / "model.pt", stage / "model.pt"], strict=True):

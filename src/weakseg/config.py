@@ -87,8 +87,9 @@ class ClsTrainCfg:
     image_size: int = 128
     num_workers: int = field(default=0, metadata=SPEED_ONLY_ONCE_HASHED)  # DataLoader workers (also the cams stage's)
     checkpoint_every: int = 0  # iterations between mid-epoch checkpoints; 0 = once per epoch
-    # > 0: the backbone's stem and first N feature levels (timm backbones; 2 = strides 2 and 4) get no gradient in
-    # every training phase, so backpropagation stops before the highest-resolution layers (docs/performance.md)
+    # > 0: the backbone's stem and first N feature levels (timm backbones; EfficientNet: 2 = strides 2 and 4; ViT:
+    # the embeddings and N blocks) get no gradient in every training phase, so backpropagation stops before the
+    # highest-resolution layers (docs/performance.md)
     frozen_backbone_levels: int = field(default=0, metadata=LATE)
     # Which model train-cls trains (each CAM method needs its own, see weakseg.cams.methods.REQUIRED_MODEL):
     model: str = "cam_classifier"  # cam_classifier (cam, finecam) | weaktr (cams.method=weaktr) | ccam | recam
@@ -226,9 +227,9 @@ class SegTrainCfg:
     encoder_lr_scale: float = 1.0  # lr multiplier of the pretrained encoder (WeakTr: 0.1)
     # start the encoder from this run's classifier backbone (trained on the image labels) instead of `pretrained`
     encoder_from_classifier: bool = field(default=False, metadata=LATE)
-    # > 0: the encoder's stem and first N feature levels (timm encoders; 2 = strides 2 and 4) get no gradient, so
-    # backpropagation stops before the highest-resolution layers (LR-ASPP Lite0, batch 16 at 256 px: a training step
-    # 1.4 -> 1.0 s; docs/performance.md)
+    # > 0: the encoder's stem and first N feature levels (timm encoders; EfficientNet: 2 = strides 2 and 4; ViT: the
+    # embeddings and N blocks) get no gradient, so backpropagation stops before the highest-resolution layers (LR-ASPP
+    # Lite0, batch 16 at 256 px: a training step 1.4 -> 1.0 s; docs/performance.md)
     frozen_encoder_levels: int = field(default=0, metadata=LATE)
     # none | prior_match: per-class weights on the model's probabilities fitted, without pixel labels, so that its
     # labels give each class the pseudo-masks' share of pixels on the held-out images (weakseg.train.calibration)

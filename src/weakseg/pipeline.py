@@ -8,7 +8,7 @@ from typing import Callable, Optional
 from tqdm import tqdm
 
 from weakseg import dist
-from weakseg.config import PipelineCfg
+from weakseg.config import ConfigError, PipelineCfg
 from weakseg.runs import (STAGES, UPSTREAM, StageContext, StageError, begin_stage, finish_stage, stage_is_done,
                           verify_outputs, write_run_info)
 
@@ -34,9 +34,7 @@ def run_stages(cfg: PipelineCfg, stages: list[str], force: Optional[set[str]] = 
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; valid stages: {', '.join(STAGES)}")
-    from weakseg.masks.stage import check_threshold_rule
-
-    check_threshold_rule(cfg.masks.bg_threshold_rule)  # before hours of earlier stages, not at the masks stage
+    check_settings(cfg, stages)
     device = dist.resolve_device(cfg.device)
     dist.init_from_env(device)
     force = set(force or ())
@@ -71,6 +69,21 @@ def run_stages(cfg: PipelineCfg, stages: list[str], force: Optional[set[str]] = 
         trusted.add(stage)
         _say(f"[{stage}] done in {metrics['stage_seconds']} s")
     return results
+
+
+def check_settings(cfg: PipelineCfg, stages: list[str]) -> None:
+    """Refuse what the config alone shows to be wrong before any stage runs, not hours later when the stage that
+    reads it starts. Limits that depend on a model (how many feature levels it has) are checked by its stage."""
+    from weakseg.masks.makers import build_mask_maker
+    from weakseg.masks.stage import check_threshold_rule
+
+    check_threshold_rule(cfg.masks.bg_threshold_rule)
+    if "masks" in stages:
+        build_mask_maker(cfg.masks)  # every maker checks its settings (and pydensecrf) when built
+    for stage, key, levels in [("train-cls", "train_cls.frozen_backbone_levels", cfg.train_cls.frozen_backbone_levels),
+                               ("train-seg", "train_seg.frozen_encoder_levels", cfg.train_seg.frozen_encoder_levels)]:
+        if stage in stages and levels < 0:
+            raise ConfigError(f"{key}={levels}: the number of leading feature levels to freeze, 0 or more")
 
 
 def _check_upstream(cfg: PipelineCfg, stage: str, trusted: set[str]) -> None:

@@ -343,9 +343,17 @@ def freeze_leading_levels(features: nn.Module, levels: int) -> int:
     if levels == 0:
         return 0
     params = list(features.named_parameters())
-    last = max((i for i, (n, _) in enumerate(params) if n.startswith(names[levels - 1] + ".")), default=None)
-    if last is None:
+
+    def under(name: str) -> list[int]:
+        return [i for i, (n, _) in enumerate(params) if n.startswith(name + ".")]
+
+    level = under(names[levels - 1])
+    if level:
+        count = level[-1] + 1
+    elif levels < len(names) and under(names[levels]):  # a level without weights (ResNet's act1): all before the next
+        count = under(names[levels])[0]
+    else:
         raise ValueError(f"{type(features).__name__}: no parameters under feature level module {names[levels - 1]!r}")
-    for _, p in params[:last + 1]:
+    for _, p in params[:count]:
         p.requires_grad_(False)
-    return last + 1
+    return count
