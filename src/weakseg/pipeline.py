@@ -45,6 +45,11 @@ def run_stages(cfg: PipelineCfg, stages: list[str], force: Optional[set[str]] = 
     trusted: set[str] = set()  # stages verified (or produced) by this call
     for stage in [s for s in STAGES if s in stages]:
         done, reason = stage_is_done(cfg, stage)
+        redone_before = [up for up in UPSTREAM[stage] if results.get(up, {}).get("status") in ("would run", "may run")]
+        if dry_run and done and stage not in force and redone_before:
+            _say(f"[{stage}] may run: up to date now, redone if {' or '.join(redone_before)} changes its outputs")
+            results[stage] = {"status": "may run"}
+            continue
         if done and stage not in force:
             _say(f"[{stage}] skipped: {reason}")
             results[stage] = {"status": "skipped"}
