@@ -438,12 +438,15 @@ def test_missing_crf_extra_stops_with_the_install_command(run_copy, monkeypatch,
     overrides, cfg = run_copy
     crf = [*overrides, "masks.method=crf"]
     _block_pydensecrf(monkeypatch)
+    before = (cfg.run_dir / "masks" / "done.json").read_bytes()
     assert main(["masks", DEMO, *crf]) == 2
     err = capsys.readouterr().err
     line = _error_line(err)
     assert line.startswith("weakseg: error: the dense CRF needs pydensecrf2: pip install \"weakseg[crf]\"")
     assert "masks.method" in line
-    assert not (cfg.run_dir / "masks" / "done.json").exists()
+    # refused before the stage began: the other method's masks stay as they were, and none count for the CRF's
+    assert (cfg.run_dir / "masks" / "done.json").read_bytes() == before
+    assert stage_is_done(cfg, "masks")[0] and not stage_is_done(load_config(DEMO, crf), "masks")[0]
     monkeypatch.undo()
     pytest.importorskip("pydensecrf.densecrf")
     assert main(["masks", DEMO, *crf]) == 0  # installed: the same command finishes
