@@ -32,7 +32,7 @@ def tiny_cfg(tiny_overrides):
     return load_config(ROOT / "configs" / "demo.yaml", tiny_overrides)
 
 
-def test_full_run_contract_skip_and_from(tiny_cfg):
+def test_full_run_contract_skip_and_from(tiny_cfg, monkeypatch):
     results = run_pipeline(tiny_cfg)
     assert _statuses(results) == {s: "ran" for s in STAGES}
     run_dir = tiny_cfg.run_dir
@@ -51,8 +51,16 @@ def test_full_run_contract_skip_and_from(tiny_cfg):
     assert [r["threshold"] for r in metrics["cams"]["sweep"]] == [0.2, 0.4, 0.6]
     assert 0 < metrics["cams"]["threshold_used"] < 1
 
-    # Second run: everything up to date.
-    assert _statuses(run_pipeline(tiny_cfg)) == {s: "skipped" for s in STAGES}
+    # Second run: everything up to date, and the masks settings are not checked again (no mask maker is built, so
+    # a finished run does not need, say, pydensecrf installed to go on).
+    import weakseg.masks.makers as makers
+
+    def no_maker(cfg):
+        raise AssertionError("a mask maker was built for a finished masks stage")
+
+    with monkeypatch.context() as m:
+        m.setattr(makers, "build_mask_maker", no_maker)
+        assert _statuses(run_pipeline(tiny_cfg)) == {s: "skipped" for s in STAGES}
     # --from masks redoes masks and what follows only.
     st = _statuses(run_pipeline(tiny_cfg, from_stage="masks"))
     assert st == {"train-cls": "skipped", "cams": "skipped", "masks": "ran", "train-seg": "ran", "evaluate": "ran"}

@@ -83,7 +83,7 @@ def check_settings(cfg: PipelineCfg, stages: list[str]) -> None:
     from weakseg.masks.stage import check_threshold_rule
 
     check_threshold_rule(cfg.masks.bg_threshold_rule)
-    if "masks" in stages:
+    if "masks" in stages and not stage_is_done(cfg, "masks")[0]:
         build_mask_maker(cfg.masks)  # every maker checks its settings (and pydensecrf) when built
     for stage, key, levels in [("train-cls", "train_cls.frozen_backbone_levels", cfg.train_cls.frozen_backbone_levels),
                                ("train-seg", "train_seg.frozen_encoder_levels", cfg.train_seg.frozen_encoder_levels)]:
