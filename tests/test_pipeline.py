@@ -111,6 +111,7 @@ def test_frozen_encoder_levels_keep_the_classifiers_stem_through_training(tiny_o
     ("masks.affinity_seed_scale=0", r"masks\.affinity_seed_scale must be in \(0, 1\], got 0"),
     ("masks.method=affinity_crf masks.affinity_background=flat", r"affinity_background must be plane or walked"),
     ("masks.method=walk", r"unknown mask maker 'walk'; valid names: .*affinity_crf"),
+    ("train_seg.unseen_folds=4 train_seg.unseen_fold=4", r"train_seg\.unseen_folds=4 / unseen_fold=4: .* 0\.\.folds-1"),
 ])
 def test_bad_settings_of_a_later_stage_are_refused_before_the_first_stage_runs(tiny_overrides, override, message):
     cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + ["masks.method=affinity_crf"] + override.split())
@@ -230,6 +231,62 @@ def test_a_later_self_training_round_can_fine_tune_the_previous_model_for_its_ow
     with pytest.raises(ValueError, match="self_training_init must be fresh or previous"):
         run_pipeline(load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + [
             "train_seg.self_training_rounds=1", "train_seg.self_training_init=last"]))
+
+
+def test_masked_folds_are_disjoint_seeded_and_cover_every_masked_image():
+    from weakseg.data import DemoDataset, Subset, masked_fold
+
+    ds = Subset(DemoDataset("train", 30, 0, 32), list(range(30)))
+    ds.has_mask = lambda i: i % 3 != 0  # 20 masked images
+    folds = [masked_fold(ds, 3, f, seed=0) for f in range(3)]
+    assert sorted(sum(folds, [])) == [i for i in range(30) if i % 3 != 0]
+    assert sorted(len(f) for f in folds) == [6, 7, 7]
+    assert masked_fold(ds, 3, 1, seed=0) == folds[1] != masked_fold(ds, 3, 1, seed=1)
+    assert masked_fold(ds, 1, 0, seed=0) == sorted(sum(folds, []))
+    with pytest.raises(ValueError, match="only 20 have one"):
+        masked_fold(ds, 21, 0, seed=0)
+
+
+def test_unseen_fold_is_kept_out_of_segmentation_training_and_scored_alone(tiny_overrides, monkeypatch):
+    import weakseg.train.segmentation as train_seg
+    from weakseg.data import masked_fold, seg_dataset, train_val_indices
+    from weakseg.runs import StageError
+
+    seen: list[int] = []
+    real_dataset = train_seg.SegmentationDataset
+
+    def spy(ds, indices, *args, **kwargs):
+        seen.extend(indices)
+        return real_dataset(ds, indices, *args, **kwargs)
+
+    monkeypatch.setattr(train_seg, "SegmentationDataset", spy)
+    cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + ["train_seg.unseen_folds=4",
+                                                                         "train_seg.unseen_fold=1"])
+    run_pipeline(cfg)
+    ds = seg_dataset(cfg.data, cfg.data.train_split)
+    unseen = masked_fold(ds, 4, 1, cfg.seed)
+    assert len(unseen) == 6 and seen and not set(seen) & set(unseen)  # neither trained on nor used for selection
+    train_idx, _ = train_val_indices(len(ds), cfg.data.val_fraction, cfg.seed)
+    seg_metrics = json.loads((cfg.run_dir / "train-seg" / "metrics.json").read_text())
+    assert seg_metrics["train_images"] == len(set(train_idx) - set(unseen)) and seg_metrics["unseen_images"] == 6
+    record = json.loads((cfg.run_dir / "train-seg" / "unseen.json").read_text())
+    assert record["ids"] == [ds.ids[i] for i in unseen] and (record["folds"], record["fold"]) == (4, 1)
+
+    metrics = json.loads((cfg.run_dir / "evaluate" / "metrics.json").read_text())
+    assert "segmentation_train" not in metrics  # the images it trained on are not scored as if unseen
+    result = metrics["segmentation_unseen"]
+    assert result["images"] == 6 and "never saw: fold 1 of 4" in result["split"]
+    matrix = np.array(result["segmentation"]["confusion_matrix"])
+    gt = [ds.mask(i) for i in unseen]
+    assert matrix.sum() == result["segmentation"]["pixels"] == sum(int((m != 255).sum()) for m in gt)
+    assert matrix.sum(1).tolist() == [sum(int((m == c).sum()) for m in gt) for c in range(ds.num_classes)]
+    assert any("never saw" in row["what"] for row in metrics["summary"])
+    too_many = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + ["train_seg.unseen_folds=30"])
+    with pytest.raises(ConfigError, match=r"unseen_folds=30 / unseen_fold=0: .* only 24 have one"):
+        run_stages(too_many, ["train-seg"])
+    everything = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + ["train_seg.unseen_folds=1"])
+    with pytest.raises(StageError, match="leaves no training image: all 24"):  # every demo image has a mask
+        run_stages(everything, ["train-seg"])
 
 
 def test_mask_eval_split_restricts_cam_and_mask_scoring_to_its_images(tiny_cfg, tiny_overrides):

@@ -250,6 +250,12 @@ class SegTrainCfg:
     # held-out selection loss stays plain CE)
     label_smoothing: float = field(default=0.0, metadata=LATE)
     checkpoint_every: int = 0
+    # > 0: the training images that have a GT mask are split into this many seeded folds and fold `unseen_fold` is
+    # left out of segmentation training and selection; evaluate then scores the model on those images only, images
+    # it never saw (K = 1: all of them). Their image labels still train the classifier. For an honest estimate of
+    # the score on new images and of the weak / fully-supervised ratio (bench.unseen_ratio, docs/results.md).
+    unseen_folds: int = field(default=0, metadata=LATE)
+    unseen_fold: int = field(default=0, metadata=LATE)
     infer_size: int = 0  # longer image side at inference; 0 = crop_size
     infer_scales: list[float] = field(default_factory=lambda: [1.0])
     infer_flip: bool = False

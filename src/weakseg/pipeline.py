@@ -89,6 +89,10 @@ def check_settings(cfg: PipelineCfg, stages: list[str]) -> None:
                                ("train-seg", "train_seg.frozen_encoder_levels", cfg.train_seg.frozen_encoder_levels)]:
         if stage in stages and levels < 0:
             raise ConfigError(f"{key}={levels}: the number of leading feature levels to freeze, 0 or more")
+    folds, fold = cfg.train_seg.unseen_folds, cfg.train_seg.unseen_fold
+    if "train-seg" in stages and (folds, fold) != (0, 0) and not 0 <= fold < folds:
+        raise ConfigError(f"train_seg.unseen_folds={folds} / unseen_fold={fold}: the fold must lie in 0..folds-1 "
+                          "(unseen_folds 0: off)")
 
 
 def _check_upstream(cfg: PipelineCfg, stage: str, trusted: set[str]) -> None:

@@ -93,10 +93,25 @@ def train_val_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int]
     return train, val
 
 
+def masked_fold(ds: WeakSegDataset, folds: int, fold: int, seed: int) -> list[int]:
+    """Fold `fold` of `folds` seeded, near-equal folds of the indices of `ds` whose images have a GT mask.
+
+    folds = 1 gives every masked image. Used to keep images out of segmentation training so that its score on
+    them is a score on unseen images (`train_seg.unseen_folds`).
+    """
+    if folds < 1 or not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} of {folds}: need folds >= 1 and 0 <= fold < folds")
+    masked = [i for i in range(len(ds)) if ds.has_mask(i)]
+    if len(masked) < folds:
+        raise ValueError(f"{folds} folds of the images with a GT mask, but only {len(masked)} have one")
+    order = np.random.default_rng([seed, 4243]).permutation(len(masked))
+    return sorted(int(masked[j]) for j in np.array_split(order, folds)[fold])
+
+
 __all__ = [
     "DATASETS", "DEMO_CLASSES", "DataError", "DemoDataset", "Subset", "WeakSegDataset", "WithBackgroundImages",
     "BinaryView", "build_dataset", "check_mask", "collapse_to_binary", "drop_bad_samples", "seg_dataset",
-    "train_val_indices",
+    "masked_fold", "train_val_indices",
 ]
 
 # Real-data builders, registered explicitly.

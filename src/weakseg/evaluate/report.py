@@ -111,7 +111,7 @@ def _products(ev: dict) -> list[tuple[str, str, dict, Optional[dict]]]:
     masks = ev.get("pseudo_masks", {})
     if "per_class" in masks:
         out.append(("pseudo_masks", "pseudo-masks (train images with GT)", masks, masks.get("per_image_average")))
-    for key in ("segmentation_train", "segmentation"):
+    for key in ("segmentation_train", "segmentation_unseen", "segmentation"):
         seg = ev.get(key, {})
         if "segmentation" not in seg:
             continue

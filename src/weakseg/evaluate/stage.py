@@ -111,8 +111,11 @@ def evaluate_masks(ds: WeakSegDataset, indices: list[int], mask_dir: Path) -> di
 
 
 def evaluate_segmentation(ctx: StageContext, eval_ds: WeakSegDataset, chosen_threshold: float,
-                          split: str) -> dict:
-    """Segmentation model vs baselines (all-background; raw CAM threshold) on the masked images of `split`."""
+                          split: str, confusion_matrix: bool = False) -> dict:
+    """Segmentation model vs baselines (all-background; raw CAM threshold) on the masked images of `split`.
+
+    `confusion_matrix`: also return the model's pooled matrix (rows GT, columns prediction), so that the scores
+    of several runs on disjoint images can be pooled (bench.unseen_ratio)."""
     from weakseg.train.classifier import load_classifier
     from weakseg.train.segmentation import load_seg_model, predictor_for
 
@@ -145,6 +148,8 @@ def evaluate_segmentation(ctx: StageContext, eval_ds: WeakSegDataset, chosen_thr
         cam = finalize_cam(cams[0], classes, gt.shape)
         cam_base.update(gt, _as_scored(ctx, threshold_labels(cam, classes + 1, chosen_threshold)))
     out = _summary(seg)
+    if confusion_matrix:
+        out["confusion_matrix"] = seg.mat.tolist()
     seg_per.reduce_across_ranks()
     out["per_image_average"] = seg_per.compute()
     out["per_image_mIoU"] = dist.gather_lists(per_image)
@@ -159,6 +164,8 @@ def evaluate_segmentation(ctx: StageContext, eval_ds: WeakSegDataset, chosen_thr
 
 
 def run(ctx: StageContext) -> dict:
+    from weakseg.train.segmentation import UNSEEN_FILE
+
     cfg = ctx.cfg
     train_ds = seg_dataset(cfg.data, cfg.data.train_split)
     masked = masked_indices(train_ds)
@@ -180,7 +187,19 @@ def run(ctx: StageContext) -> dict:
         metrics["pseudo_masks"] = evaluate_masks(train_ds, masked, ctx.upstream("masks") / "masks")
     else:
         metrics["cams"] = metrics["pseudo_masks"] = {"skipped": "no training image has a GT mask"}
-    if masked and cfg.evaluate.segmentation_on_train:
+    unseen_file = ctx.upstream("train-seg") / UNSEEN_FILE
+    if unseen_file.exists():  # train_seg.unseen_folds: score the model on the masked images it never saw
+        record = read_json(unseen_file)
+        position = {image_id: i for i, image_id in enumerate(train_ds.ids)}
+        missing = [image_id for image_id in record["ids"] if image_id not in position]
+        if missing:
+            raise StageError(f"{unseen_file}: {len(missing)} ids are not {cfg.data.train_split!r} images "
+                             f"(first: {missing[0]})")
+        metrics["segmentation_unseen"] = evaluate_segmentation(
+            ctx, Subset(train_ds, [position[image_id] for image_id in record["ids"]]), chosen,
+            f"{cfg.data.train_split} (masked training images the segmentation model never saw: fold "
+            f"{record['fold']} of {record['folds']})", confusion_matrix=True)
+    elif masked and cfg.evaluate.segmentation_on_train:
         metrics["segmentation_train"] = evaluate_segmentation(
             ctx, Subset(train_ds, masked), chosen, f"{cfg.data.train_split} (masked training images)")
     try:
@@ -215,7 +234,7 @@ def summary_rows(metrics: dict) -> list[dict]:
                      "threshold": cams["best_threshold_oracle"]})
     if "mIoU" in masks:
         rows.append(_row("pseudo-masks (train images with GT)", masks))
-    for key in ("segmentation_train", "segmentation"):
+    for key in ("segmentation_train", "segmentation_unseen", "segmentation"):
         seg = metrics.get(key, {})
         if "segmentation" in seg:
             split = seg["split"]

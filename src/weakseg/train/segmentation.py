@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from weakseg import dist
 from weakseg.config import ConfigError
-from weakseg.data import seg_dataset, train_val_indices
+from weakseg.data import masked_fold, seg_dataset, train_val_indices
 from weakseg.data.base import WeakSegDataset
 from weakseg.data.torch_datasets import SegmentationDataset
 from weakseg.io import IGNORE_INDEX, load_label_png, read_json, save_label_png, write_json
@@ -51,6 +51,26 @@ def gt_subset(ds: WeakSegDataset, indices: list[int], ratio: float, seed: int) -
         raise ValueError(f"gt_ratio={ratio} needs {k} images with GT masks but only {len(with_gt)} have one")
     order = np.random.default_rng([seed, 31337]).permutation(len(with_gt))
     return sorted(int(with_gt[j]) for j in order[:k])
+
+
+UNSEEN_FILE = "unseen.json"
+
+
+def unseen_images(ctx: StageContext, ds: WeakSegDataset) -> set[int]:
+    """The masked images `train_seg.unseen_folds` / `unseen_fold` keep out of training (empty when off); their
+    ids go to train-seg's unseen.json, which evaluate scores the model on."""
+    sc = ctx.cfg.train_seg
+    if sc.unseen_folds == 0 and sc.unseen_fold == 0:
+        return set()
+    try:
+        fold = masked_fold(ds, sc.unseen_folds, sc.unseen_fold, ctx.cfg.seed)
+    except ValueError as e:
+        raise ConfigError(f"train_seg.unseen_folds={sc.unseen_folds} / unseen_fold={sc.unseen_fold}: {e}") from None
+    write_json(ctx.out / UNSEEN_FILE, {"folds": sc.unseen_folds, "fold": sc.unseen_fold, "seed": ctx.cfg.seed,
+                                       "ids": [ds.ids[i] for i in fold],
+                                       "note": "masked training images left out of segmentation training and "
+                                               "selection; evaluate scores the model on these"})
+    return set(fold)
 
 
 def init_encoder_from_classifier(model: SegModel, path: Path) -> dict:
@@ -153,6 +173,13 @@ def run(ctx: StageContext) -> dict:
         raise ValueError("train_seg.self_training_rounds relabels pseudo-masks; it has no meaning with targets=gt")
     ds = seg_dataset(cfg.data, cfg.data.train_split)
     train_idx, val_idx = train_val_indices(len(ds), cfg.data.val_fraction, cfg.seed)
+    unseen = unseen_images(ctx, ds)
+    if unseen:
+        train_idx = [i for i in train_idx if i not in unseen]
+        val_idx = [i for i in val_idx if i not in unseen]
+        if not train_idx:
+            raise StageError(f"train_seg.unseen_folds={sc.unseen_folds} / unseen_fold={sc.unseen_fold} leaves no "
+                             f"training image: all {len(unseen)} of them are in the unseen fold")
     criterion = build_seg_loss(sc.loss, sc.start_value, sc.window_size, sc.crop_size, sc.label_smoothing)
     mask_dir = None
     if sc.targets == "gt":
@@ -269,6 +296,7 @@ def run(ctx: StageContext) -> dict:
         "gt_images": len(gt_ids & set(train_idx)),
         "gt_subset_file": "gt_subset.json",
         "train_images": len(train_idx),
+        **({"unseen_images": len(unseen), "unseen_file": UNSEEN_FILE} if unseen else {}),
         "train_seconds": round(time.time() - t0, 1),
         **calibration,
     }
