@@ -23,28 +23,58 @@ from weakseg.evaluate.metrics import ConfusionMatrix
 from weakseg.io import read_json
 
 
-def pooled(runs: list[Path]) -> tuple[ConfusionMatrix, list[str], list[str]]:
-    """-> (summed matrix, the images scored, the folds' descriptions); disjoint folds are required."""
+def pooled(runs: list[Path], targets: str) -> tuple[ConfusionMatrix, list[str], list[str]]:
+    """-> (summed matrix, the images scored, the folds' descriptions) of runs trained on `targets` (pseudo | gt).
+
+    The ids are the ones evaluate scored (its per-image list, from the same file as the matrix) and must equal
+    those train-seg left out; the runs' folds must be disjoint."""
     cm, ids, folds = None, [], []
     for run in runs:
+        if not (run / "evaluate" / "done.json").exists():
+            raise SystemExit(f"{run}: its evaluate stage is not complete")
         result = read_json(run / "evaluate" / "metrics.json").get("segmentation_unseen")
         if result is None or "confusion_matrix" not in result["segmentation"]:
             raise SystemExit(f"{run}: its evaluate stage scored no unseen images (train_seg.unseen_folds was 0)")
+        trained_on = read_json(run / "train-seg" / "metrics.json")["targets"]
+        if trained_on != targets:
+            raise SystemExit(f"{run}: its segmentation model trained on {trained_on!r} targets, not {targets!r}")
+        scored = sorted(image_id for image_id, _ in result["segmentation"]["per_image_mIoU"])
+        if scored != sorted(read_json(run / "train-seg" / "unseen.json")["ids"]):
+            raise SystemExit(f"{run}: evaluate scored other images than train-seg left out; rerun evaluate")
         names = read_json(run / "train-seg" / "classes.json")["class_names"]
         matrix = torch.tensor(result["segmentation"]["confusion_matrix"], dtype=torch.int64)
         if cm is None:
             cm = ConfusionMatrix(len(names), names)
         elif cm.class_names != names:
             raise SystemExit(f"{run}: classes differ from {runs[0]}'s")
-        unseen = read_json(run / "train-seg" / "unseen.json")["ids"]
-        overlap = set(unseen) & set(ids)
+        overlap = set(scored) & set(ids)
         if overlap:
             raise SystemExit(f"{run}: its unseen images overlap an earlier run's ({len(overlap)}, e.g. "
                              f"{sorted(overlap)[0]}): use disjoint folds")
         cm.mat += matrix
-        ids += unseen
+        ids += scored
         folds.append(f"{run.name}: {result['split']}")
     return cm, sorted(ids), folds
+
+
+def unseen_ratio(weak_runs: list[Path], full_runs: list[Path]) -> dict:
+    """Pooled mIoU of both sides on the same unseen images and their ratio (IoU as fractions)."""
+    weak, weak_ids, weak_folds = pooled(weak_runs, "pseudo")
+    full, full_ids, full_folds = pooled(full_runs, "gt")
+    if weak.class_names != full.class_names:
+        raise SystemExit("the two sides have different classes")
+    if weak_ids != full_ids:
+        raise SystemExit(f"the two sides scored different images ({len(weak_ids)} weak, {len(full_ids)} fully "
+                         f"supervised, {len(set(weak_ids) ^ set(full_ids))} not on both)")
+    w, f = weak.compute(), full.compute()
+    return {
+        "images": len(weak_ids),
+        "convention": "dataset-pooled confusion matrix over the unseen images, ignore_index=255",
+        "weak_mIoU": w["mIoU"], "full_mIoU": f["mIoU"], "ratio_weak_over_full": w["mIoU"] / f["mIoU"],
+        "per_class_IoU": {name: {"weak": w["per_class"][name]["IoU"], "full": f["per_class"][name]["IoU"]}
+                          for name in weak.class_names},
+        "weak_runs": weak_folds, "full_runs": full_folds,
+    }
 
 
 def main() -> None:
@@ -53,20 +83,7 @@ def main() -> None:
     ap.add_argument("--weak", nargs="+", type=Path, required=True, help="weakly-supervised run(s)")
     ap.add_argument("--full", nargs="+", type=Path, required=True, help="fully-supervised run(s)")
     args = ap.parse_args()
-    weak, weak_ids, weak_folds = pooled(args.weak)
-    full, full_ids, full_folds = pooled(args.full)
-    if weak_ids != full_ids:
-        raise SystemExit(f"the two sides scored different images ({len(weak_ids)} weak, {len(full_ids)} fully "
-                         f"supervised, {len(set(weak_ids) ^ set(full_ids))} not on both)")
-    w, f = weak.compute(), full.compute()
-    write_result(f"unseen_ratio-{args.label}", {
-        "images": len(weak_ids),
-        "convention": "dataset-pooled confusion matrix over the unseen images, ignore_index=255",
-        "weak_mIoU": w["mIoU"], "full_mIoU": f["mIoU"], "ratio_weak_over_full": w["mIoU"] / f["mIoU"],
-        "per_class_IoU": {name: {"weak": w["per_class"][name]["IoU"], "full": f["per_class"][name]["IoU"]}
-                          for name in weak.class_names},
-        "weak_runs": weak_folds, "full_runs": full_folds,
-    })
+    write_result(f"unseen_ratio-{args.label}", unseen_ratio(args.weak, args.full))
 
 
 if __name__ == "__main__":

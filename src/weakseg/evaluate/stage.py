@@ -195,10 +195,12 @@ def run(ctx: StageContext) -> dict:
         if missing:
             raise StageError(f"{unseen_file}: {len(missing)} ids are not {cfg.data.train_split!r} images "
                              f"(first: {missing[0]})")
-        metrics["segmentation_unseen"] = evaluate_segmentation(
+        unseen = evaluate_segmentation(
             ctx, Subset(train_ds, [position[image_id] for image_id in record["ids"]]), chosen,
             f"{cfg.data.train_split} (masked training images the segmentation model never saw: fold "
             f"{record['fold']} of {record['folds']})", confusion_matrix=True)
+        unseen["baseline_cam_threshold"]["note"] += " (the classifier did train on these images' image labels)"
+        metrics["segmentation_unseen"] = unseen
     elif masked and cfg.evaluate.segmentation_on_train:
         metrics["segmentation_train"] = evaluate_segmentation(
             ctx, Subset(train_ds, masked), chosen, f"{cfg.data.train_split} (masked training images)")
