@@ -8,7 +8,7 @@ the fully-supervised preset run once per fold (`unseen_folds=K unseen_fold=k`, k
 on the other folds' masks only.
 
     python -m bench.unseen_ratio --label voc07 --weak runs/voc07-unseen \\
-        --full runs/voc07-full-f0 runs/voc07-full-f1 runs/voc07-full-f2 runs/voc07-full-f3
+        --full runs/voc07-full-f0 runs/voc07-full-f1 runs/voc07-full-f2
 """
 
 from __future__ import annotations

@@ -93,6 +93,11 @@ def train_val_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int]
     return train, val
 
 
+def masked_indices(ds: WeakSegDataset) -> list[int]:
+    """Indices of `ds` whose images have a GT mask."""
+    return [i for i in range(len(ds)) if ds.has_mask(i)]
+
+
 def masked_fold(ds: WeakSegDataset, folds: int, fold: int, seed: int) -> list[int]:
     """Fold `fold` of `folds` seeded, near-equal folds of the indices of `ds` whose images have a GT mask.
 
@@ -101,7 +106,7 @@ def masked_fold(ds: WeakSegDataset, folds: int, fold: int, seed: int) -> list[in
     """
     if folds < 1 or not 0 <= fold < folds:
         raise ValueError(f"fold {fold} of {folds}: need folds >= 1 and 0 <= fold < folds")
-    masked = [i for i in range(len(ds)) if ds.has_mask(i)]
+    masked = masked_indices(ds)
     if len(masked) < folds:
         raise ValueError(f"{folds} folds of the images with a GT mask, but only {len(masked)} have one")
     order = np.random.default_rng([seed, 4243]).permutation(len(masked))
@@ -111,7 +116,7 @@ def masked_fold(ds: WeakSegDataset, folds: int, fold: int, seed: int) -> list[in
 __all__ = [
     "DATASETS", "DEMO_CLASSES", "DataError", "DemoDataset", "Subset", "WeakSegDataset", "WithBackgroundImages",
     "BinaryView", "build_dataset", "check_mask", "collapse_to_binary", "drop_bad_samples", "seg_dataset",
-    "masked_fold", "train_val_indices",
+    "masked_fold", "masked_indices", "train_val_indices",
 ]
 
 # Real-data builders, registered explicitly.

@@ -18,17 +18,13 @@ from tqdm import tqdm
 
 from weakseg import dist
 from weakseg.cams.generate import CamInputs, build_generator, cam_input_size, finalize_cam, present_classes
-from weakseg.data import build_dataset, collapse_to_binary, seg_dataset
+from weakseg.data import build_dataset, collapse_to_binary, masked_indices, seg_dataset
 from weakseg.data.base import DataError, Subset, WeakSegDataset
 from weakseg.evaluate.metrics import ConfusionMatrix, PerImageMeter, summarize_binary
 from weakseg.io import IGNORE_INDEX, load_cam, load_label_png, read_json, write_json
 from weakseg.masks.makers import threshold_labels
 from weakseg.masks.stage import choose_threshold, upsample_cam
 from weakseg.runs import StageContext, StageError
-
-
-def masked_indices(ds: WeakSegDataset) -> list[int]:
-    return [i for i in range(len(ds)) if ds.has_mask(i)]
 
 
 def _summary(cm: ConfusionMatrix) -> dict:
