@@ -194,6 +194,36 @@ def test_example_grids_show_best_and_worst_rows_without_repeats(fake_run, report
     assert rows_train - rows_eval == pytest.approx(2 * 156, abs=30)
 
 
+@pytest.mark.parametrize("key, words", [("segmentation_unseen", "never saw"), ("segmentation_train", "flatter")])
+def test_prediction_grid_falls_back_to_training_images_when_the_evaluation_split_is_withheld(
+        tmp_path, fake_run, key, words):
+    run = tmp_path / "withheld"
+    shutil.copytree(fake_run, run)
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    train_ids = [sid for sid, _ in metrics["pseudo_masks"]["per_image_mIoU"]]
+    seg = metrics.pop("segmentation")
+    metrics["segmentation"] = {"skipped": "evaluation split unavailable: withheld"}
+    seg["split"] = "train (scored images)"
+    seg["segmentation"]["per_image_mIoU"] = [(sid, 0.1 * k) for k, sid in enumerate(train_ids[:5])]
+    metrics[key] = seg
+    write_json(run / "evaluate" / "metrics.json", metrics)
+    page = write_report(run).read_text()
+    assert '<figure id="examples_eval">' in page and words in page and "no prediction grid" not in page
+    # 5 scored training images -> 4 best + 1 worst rows, against 6 rows of the test split's grid
+    with Image.open(run / "report" / "examples_eval.png") as a, \
+            Image.open(fake_run / "report" / "examples_eval.png") as b:
+        assert b.height - a.height == pytest.approx(156, abs=30)
+
+
+def test_report_without_segmentation_scores_says_there_is_no_prediction_grid(tmp_path, fake_run):
+    run = tmp_path / "noseg"
+    shutil.copytree(fake_run, run)
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    metrics["segmentation"] = {"skipped": "evaluation split unavailable: withheld"}
+    write_json(run / "evaluate" / "metrics.json", metrics)
+    page = write_report(run).read_text()
+    assert "no prediction grid" in page and '<figure id="examples_eval">' not in page
+
 def test_best_and_worst_orders_best_first_then_worst_and_skips_undefined_scores():
     scores = [("a", 0.5), ("b", float("nan")), ("c", 0.9), ("d", 0.1), ("e", 0.7), ("f", 0.3)]
     assert best_and_worst(scores, k=2) == [("best 1", "c", 0.9), ("best 2", "e", 0.7),

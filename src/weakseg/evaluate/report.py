@@ -473,6 +473,24 @@ def _scored_dataset(cfg, split: str):
     return ds
 
 
+# (metrics.json key, how the caption names its images), in order of preference for the prediction grid
+PREDICTION_PRODUCTS = (
+    ("segmentation", "Evaluation split"),
+    ("segmentation_unseen", "Masked training images the segmentation model never saw"),
+    ("segmentation_train", "Masked training images the segmentation model trained on (on their pseudo-masks, "
+                           "so these predictions flatter it; the evaluation split was not scored)"),
+)
+
+
+def _prediction_product(ev: dict) -> Optional[tuple[str, list, str]]:
+    """(key, per-image scores, caption words) of the first scored segmentation product, else None."""
+    for key, what in PREDICTION_PRODUCTS:
+        scores = ev.get(key, {}).get("segmentation", {}).get("per_image_mIoU")
+        if scores:
+            return key, scores, what
+    return None
+
+
 def _example_grids(rf: RunFiles, cfg, device: str) -> tuple[list[tuple[str, str, bytes]], list[str], list[str]]:
     """-> ([(file stem, caption, png)], legend class names, notes)."""
     ev = rf.evaluation or {}
@@ -510,19 +528,21 @@ def _example_grids(rf: RunFiles, cfg, device: str) -> tuple[list[tuple[str, str,
     else:
         notes.append("No per-image scores of training images in evaluate/metrics.json: no CAM / pseudo-mask grid.")
 
-    seg = ev.get("segmentation", {})
-    eval_scores = seg.get("segmentation", {}).get("per_image_mIoU")
+    product = _prediction_product(ev)
     has_model = (rf.run_dir / "train-seg" / "done.json").exists()
-    if eval_scores and has_model:
+    if product and has_model:
         from weakseg.predict import load_predictor
 
+        key, scores, what = product
+        seg = ev[key]
+        split = cfg.data.eval_split if key == "segmentation" else cfg.data.train_split
         predictor, _ = load_predictor(rf.run_dir, device)
-        ds = _scored_dataset(cfg, cfg.data.eval_split)
+        ds = _scored_dataset(cfg, split)
         predict = _single_threaded(predictor.labels)
         class_names = class_names or list(ds.class_names)
         index = {sid: i for i, sid in enumerate(ds.ids)}
         rows = []
-        for tag, sid, score in best_and_worst(eval_scores):
+        for tag, sid, score in best_and_worst(scores):
             if sid not in index:
                 continue
             image, gt = ds.image(index[sid]), ds.mask(index[sid])
@@ -530,14 +550,15 @@ def _example_grids(rf: RunFiles, cfg, device: str) -> tuple[list[tuple[str, str,
                                                           colorize(predict(image))]))
         if rows:
             cols = ["image", "ground truth", "prediction"]
-            split = seg.get("split", cfg.data.eval_split)
-            caption = (f"Evaluation split ({split}), ranked by the segmentation model's per-image mIoU (%): "
-                       f"{EXAMPLES_PER_END} best, then {EXAMPLES_PER_END} worst. CAMs and pseudo-masks are made "
-                       "for training images only.")
+            scored = seg.get("split", split)
+            caption = (f"{what} ({scored}), ranked by the segmentation model's per-image mIoU (%): "
+                       f"{EXAMPLES_PER_END} best, then {EXAMPLES_PER_END} worst.")
+            if key == "segmentation":
+                caption += " CAMs and pseudo-masks are made for training images only."
             title = f"{split}: best and worst predictions (per-image mIoU)"
             grids.append(("examples_eval", caption, grid_figure(rows, cols, title, legend_entries(class_names))))
-    elif not eval_scores:
-        notes.append("No per-image scores on the evaluation split: no prediction grid.")
+    elif not product:
+        notes.append("No per-image scores of the segmentation model in evaluate/metrics.json: no prediction grid.")
     else:
         notes.append("No completed train-seg stage (no model): no prediction grid.")
     return grids, class_names, notes
