@@ -224,6 +224,7 @@ def test_report_without_segmentation_scores_says_there_is_no_prediction_grid(tmp
     page = write_report(run).read_text()
     assert "no prediction grid" in page and '<figure id="examples_eval">' not in page
 
+
 def test_best_and_worst_orders_best_first_then_worst_and_skips_undefined_scores():
     scores = [("a", 0.5), ("b", float("nan")), ("c", 0.9), ("d", 0.1), ("e", 0.7), ("f", 0.3)]
     assert best_and_worst(scores, k=2) == [("best 1", "c", 0.9), ("best 2", "e", 0.7),

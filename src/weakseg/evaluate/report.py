@@ -482,12 +482,11 @@ PREDICTION_PRODUCTS = (
 )
 
 
-def _prediction_product(ev: dict) -> Optional[tuple[str, list, str]]:
-    """(key, per-image scores, caption words) of the first scored segmentation product, else None."""
+def _prediction_product(ev: dict) -> Optional[tuple[str, dict, str]]:
+    """(key, its evaluate block, caption words) of the first segmentation product with per-image scores, else None."""
     for key, what in PREDICTION_PRODUCTS:
-        scores = ev.get(key, {}).get("segmentation", {}).get("per_image_mIoU")
-        if scores:
-            return key, scores, what
+        if ev.get(key, {}).get("segmentation", {}).get("per_image_mIoU"):
+            return key, ev[key], what
     return None
 
 
@@ -533,8 +532,7 @@ def _example_grids(rf: RunFiles, cfg, device: str) -> tuple[list[tuple[str, str,
     if product and has_model:
         from weakseg.predict import load_predictor
 
-        key, scores, what = product
-        seg = ev[key]
+        key, seg, what = product
         split = cfg.data.eval_split if key == "segmentation" else cfg.data.train_split
         predictor, _ = load_predictor(rf.run_dir, device)
         ds = _scored_dataset(cfg, split)
@@ -542,7 +540,7 @@ def _example_grids(rf: RunFiles, cfg, device: str) -> tuple[list[tuple[str, str,
         class_names = class_names or list(ds.class_names)
         index = {sid: i for i, sid in enumerate(ds.ids)}
         rows = []
-        for tag, sid, score in best_and_worst(scores):
+        for tag, sid, score in best_and_worst(seg["segmentation"]["per_image_mIoU"]):
             if sid not in index:
                 continue
             image, gt = ds.image(index[sid]), ds.mask(index[sid])
