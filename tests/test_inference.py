@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from weakseg import dist
 from weakseg.config import load_config
 from weakseg.models.inference import SegPredictor, _window_starts
 
@@ -185,3 +186,49 @@ def test_the_gated_crf_runs_over_the_kept_classes_only_and_matches_the_crf_of_al
     torch.testing.assert_close(gated[[0, 2, 3]], torch.from_numpy(every_class[[0, 2, 3]]), atol=1e-4, rtol=0)
     background_only = predictor.final_probabilities(picture, np.array([True, False, False, False, False]))
     assert labels_seen == [3, 5] and (background_only[0] == 1).all() and (background_only[1:] == 0).all()
+
+
+def crf_config(*overrides: str):
+    return load_config(None, ["train_seg.infer_crf=true", "train_seg.crop_size=24", *overrides]).train_seg
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])  # spawn = macOS / Windows
+def test_the_crf_in_worker_processes_gives_the_labels_of_the_crf_in_process(monkeypatch, start_method):
+    pytest.importorskip("pydensecrf.densecrf")
+    import multiprocessing as mp
+
+    pools: list[str] = []
+    monkeypatch.setattr(dist, "pool_context", lambda: pools.append(start_method) or mp.get_context(start_method))
+    pictures = [image(20, 24, seed=s) for s in range(4)] + [image(17, 31, seed=9), image(24, 24, seed=11)]
+    serial = SegPredictor.from_config(PixelwiseModel(classes=4), crf_config())
+    expected = [serial.labels(p) for p in pictures]
+    assert [labels.tolist() for labels in serial.iter_labels(pictures)] == [labels.tolist() for labels in expected]
+    assert pools == []  # no CRF worker: no pool
+    no_crf = SegPredictor(PixelwiseModel(classes=4), infer_size=24)
+    assert any((no_crf.labels(p) != labels).any() for p, labels in zip(pictures, expected))  # the CRF did work
+    parallel = SegPredictor.from_config(PixelwiseModel(classes=4), crf_config("train_seg.infer_crf_workers=2"))
+    assert parallel.crf_workers == 2
+    got = list(parallel.iter_labels(iter(pictures)))
+    assert pools == [start_method]
+    assert len(got) == len(pictures)
+    for labels, want in zip(got, expected):
+        assert labels.dtype == np.uint8
+        np.testing.assert_array_equal(labels, want)
+
+
+def test_the_crf_workers_read_at_most_one_image_more_than_they_run():
+    pytest.importorskip("pydensecrf.densecrf")
+    pulled: list[int] = []
+
+    def pictures():
+        for seed in range(6):
+            pulled.append(seed)
+            yield image(20, 24, seed=seed)
+
+    predictor = SegPredictor.from_config(PixelwiseModel(classes=3), crf_config("train_seg.infer_crf_workers=2"))
+    labels = predictor.iter_labels(pictures())
+    next(labels)
+    assert pulled == [0, 1, 2]  # 2 images in the workers, 1 waiting: the rest not yet read (bounded memory)
+    assert len(list(labels)) == 5 and pulled == list(range(6))
+    with pytest.raises(ValueError, match="crf_workers must be >= 0"):
+        SegPredictor(PixelwiseModel(), infer_size=24, crf_workers=-1)

@@ -139,7 +139,7 @@ def test_prior_match_calibration_is_fitted_by_train_seg_and_used_by_evaluate_and
     assert _statuses(run_pipeline(changed))["train-seg"] == "ran"
 
 
-def test_inference_crf_rescores_a_trained_run_and_predict_uses_it(tiny_cfg, tiny_overrides):
+def test_inference_crf_rescores_a_trained_run_and_predict_uses_it(tiny_cfg, tiny_overrides, tmp_path):
     pytest.importorskip("pydensecrf.densecrf")
     from weakseg.predict import load_predictor
 
@@ -151,6 +151,30 @@ def test_inference_crf_rescores_a_trained_run_and_predict_uses_it(tiny_cfg, tiny
                   "evaluate": "ran"}
     predictor, _ = load_predictor(changed.run_dir, "cpu")  # train-seg's config predates the key: evaluate's has it
     assert predictor.crf is not None and predictor.crf.bilateral_compat == 4.0
+    scored = json.loads((changed.run_dir / "evaluate" / "metrics.json").read_text())
+    # the CRF in 2 worker processes: a speed setting, so evaluate is up to date; forced, it scores the same
+    parallel = load_config(ROOT / "configs" / "demo.yaml",
+                           tiny_overrides + ["train_seg.infer_crf=true", "train_seg.infer_crf_workers=2"])
+    assert _statuses(run_pipeline(parallel))["evaluate"] == "skipped"
+    run_stages(parallel, ["evaluate"], force={"evaluate"})
+    rescored = json.loads((changed.run_dir / "evaluate" / "metrics.json").read_text())
+    assert rescored["segmentation"]["segmentation"] == scored["segmentation"]["segmentation"]
+    assert rescored["segmentation"]["images"] == 8 and "per_image_mIoU" in scored["segmentation"]["segmentation"]
+    assert load_predictor(changed.run_dir, "cpu", crf_workers=3)[0].crf_workers == 3
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for stem, (h, w) in {"a": (30, 40), "b": (53, 17), "c": (32, 32)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"{stem}.png")
+    labels = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"pred{workers}"
+        assert main(["predict", "--run", str(changed.run_dir), "--images", str(images), "--out", str(out),
+                     "--crf-workers", workers]) == 0
+        labels[workers] = {p.name: np.array(Image.open(p)) for p in sorted(out.iterdir())}
+    assert list(labels["0"]) == ["a.png", "b.png", "c.png"]
+    for name, want in labels["0"].items():
+        np.testing.assert_array_equal(labels["2"][name], want)
 
 
 def test_self_training_relabels_with_the_models_own_gated_predictions_and_resumes(tiny_cfg, tiny_overrides):

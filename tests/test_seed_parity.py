@@ -332,6 +332,8 @@ def test_inference_only_keys_rescore_a_run_without_retraining_it():
     assert stage_fingerprint(crf, "evaluate") != stage_fingerprint(cfg, "evaluate")
     kernel = load_config(None, ["train_seg.infer_crf=true", "train_seg.infer_crf_bilateral_compat=5"])
     assert stage_fingerprint(kernel, "evaluate") != stage_fingerprint(crf, "evaluate")
+    workers = load_config(None, ["train_seg.infer_crf=true", "train_seg.infer_crf_workers=2"])  # speed only
+    assert [stage_fingerprint(workers, s) for s in STAGES] == [stage_fingerprint(crf, s) for s in STAGES]
     assert stage_fingerprint(load_config(None, ["train_seg.infer_flip=true"]), "train-seg") != \
         stage_fingerprint(cfg, "train-seg")  # the older inference keys stay train-seg's, as runs recorded them
     # self-training trains on the model's own CRF'd predictions: then the CRF keys are train-seg's too

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of input images")
     p.add_argument("--out", required=True, help="output folder for <stem>.png label maps")
     p.add_argument("--device", default="auto")
+    p.add_argument("--crf-workers", type=int, default=None,
+                   help="processes running the inference CRF beside the network (default: the run's "
+                        "train_seg.infer_crf_workers); same labels at any number")
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -93,7 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "predict":
             from weakseg.predict import predict_folder
 
-            written = predict_folder(args.run, args.images, args.out, args.device)
+            written = predict_folder(args.run, args.images, args.out, args.device, args.crf_workers)
             print(f"wrote {len(written)} label maps to {args.out}")
             return 0
         if args.command == "data":

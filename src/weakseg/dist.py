@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing as mp
 import os
 import warnings
 from datetime import timedelta
@@ -184,3 +185,10 @@ def gather_lists(items: list) -> list:
     out: list = [None] * get_world_size()
     dist.all_gather_object(out, list(items))
     return [x for part in out for x in part]
+
+
+def pool_context() -> mp.context.BaseContext:
+    """Start method of the worker pools that run CPU-bound work (the dense CRF) beside this process: fork where the
+    platform has it (workers inherit the dataset and the maker, nothing to pickle), else spawn (macOS / Windows:
+    a pool's job is pickled once per worker)."""
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")

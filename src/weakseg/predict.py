@@ -16,8 +16,10 @@ from weakseg.train.calibration import load_class_weights
 from weakseg.train.segmentation import load_trained_seg_model
 
 
-def load_predictor(run_dir: str | Path, device: str = "auto") -> tuple[SegPredictor, list[str]]:
-    """Rebuild the trained segmentation model of `run_dir` (weights from its train-seg stage)."""
+def load_predictor(run_dir: str | Path, device: str = "auto",
+                   crf_workers: int | None = None) -> tuple[SegPredictor, list[str]]:
+    """Rebuild the trained segmentation model of `run_dir` (weights from its train-seg stage); `crf_workers`
+    replaces the run's train_seg.infer_crf_workers."""
     seg_dir = Path(run_dir) / "train-seg"
     if not (seg_dir / "done.json").exists():
         raise FileNotFoundError(f"{seg_dir}: no completed train-seg stage in this run directory")
@@ -30,13 +32,17 @@ def load_predictor(run_dir: str | Path, device: str = "auto") -> tuple[SegPredic
     class_names = read_json(seg_dir / "classes.json")["class_names"]
     model = load_trained_seg_model(cfg.train_seg.model, len(class_names), seg_dir / "model.pt")
     sc = cfg.train_seg
+    if crf_workers is not None:
+        sc.infer_crf_workers = crf_workers
     dev = dist.resolve_device(device if device != "auto" else cfg.device)
     weights = load_class_weights(seg_dir, sc.calibration)
     return SegPredictor.from_config(model, sc, dev, cfg.precision, weights), class_names
 
 
-def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, device: str = "auto") -> list[Path]:
-    """Predict every image of `images` into `out`/<stem>.png; returns the written paths (this rank's)."""
+def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, device: str = "auto",
+                   crf_workers: int | None = None) -> list[Path]:
+    """Predict every image of `images` into `out`/<stem>.png; returns the written paths (this rank's).
+    `crf_workers`: processes for the inference CRF (None: the run's train_seg.infer_crf_workers)."""
     files = list_images(images)
     if not files:
         raise FileNotFoundError(f"{images}: no image files (.jpg/.png/...) found")
@@ -51,11 +57,14 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, dev
         if not ok:
             raise StageError(f"{seg_dir}: the trained model cannot be trusted: {reason}. Run `weakseg run` on this "
                              "run's config to redo train-seg.")
-    predictor, _ = load_predictor(run_dir, device)
+    predictor, _ = load_predictor(run_dir, device, crf_workers)
     out = Path(out)
     written = []
-    for f in tqdm(dist.shard(files), desc="predict", disable=not dist.is_main_process(), dynamic_ncols=True):
-        labels = predictor.labels(read_image(f))
+    mine = dist.shard(files)
+    predictions = predictor.iter_labels(read_image(f) for f in mine)
+    # predictions first: zip then runs the generator to its end, which closes its worker pool
+    for labels, f in tqdm(zip(predictions, mine), total=len(mine), desc="predict",
+                          disable=not dist.is_main_process(), dynamic_ncols=True):
         target = out / f"{f.stem}.png"
         save_label_png(target, labels)
         written.append(target)

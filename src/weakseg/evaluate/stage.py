@@ -127,11 +127,12 @@ def evaluate_segmentation(ctx: StageContext, eval_ds: WeakSegDataset, chosen_thr
     cam_base = ConfusionMatrix(eval_ds.num_classes, eval_ds.class_names)
     cam_inputs = CamInputs(eval_ds, indices, size)
     per_image = []
-    for k, i in enumerate(tqdm(indices, desc="eval seg", disable=not dist.is_main_process(), dynamic_ncols=True)):
-        if k % dist.get_world_size() != dist.get_rank():
-            continue
-        image, gt = eval_ds.image(i), eval_ds.mask(i)
-        pred = predictor.labels(image)
+    mine = dist.shard(list(enumerate(indices)))
+    predictions = predictor.iter_labels(eval_ds.image(i) for _, i in mine)  # the CRF maybe in worker processes
+    # predictions first: zip then runs the generator to its end, which closes its worker pool
+    for pred, (k, i) in tqdm(zip(predictions, mine), total=len(mine), desc="eval seg",
+                             disable=not dist.is_main_process(), dynamic_ncols=True):
+        gt = eval_ds.mask(i)
         seg.update(gt, pred)
         seg_per.update(gt, pred)
         one = ConfusionMatrix(eval_ds.num_classes)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from tqdm import tqdm
 from weakseg import dist
 from weakseg.cams.generate import top_cam_counts, top_cam_histogram
 from weakseg.data import build_dataset, collapse_to_binary
+from weakseg.dist import pool_context
 from weakseg.io import load_cam, save_label_png
 from weakseg.masks.makers import build_mask_maker, otsu_threshold
 from weakseg.runs import StageContext, StageError, pending_shard, require_all_written
@@ -136,12 +136,6 @@ def _init_worker(job: MaskJob) -> None:
 def _work(i: int) -> float:
     assert _worker_job is not None
     return _worker_job(i)
-
-
-def pool_context() -> mp.context.BaseContext:
-    """fork where the platform has it (workers inherit the dataset and the maker, nothing to pickle), else spawn
-    (macOS / Windows: the job is pickled once per worker)."""
-    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
 def make_masks(job: MaskJob, indices: list[int], workers: int, desc: str = "masks") -> list[float]:

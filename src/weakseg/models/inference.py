@@ -3,7 +3,8 @@ back to the input size."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections import deque
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,13 +21,14 @@ class SegPredictor:
     """Wraps a trained `SegModel`: image (H, W, 3) uint8 -> class probabilities (C, H, W) / labels (H, W).
 
     `class_weights` (C,): labels are argmax_c w_c * p_c (a label-free calibration, weakseg.train.calibration).
-    `crf`: labels come from a dense CRF over every class on the original image, unary -log p (DeepLab-style).
+    `crf`: labels come from a dense CRF over every class on the original image, unary -log p (DeepLab-style);
+    `crf_workers` > 0: `iter_labels` runs that CRF in as many processes beside this one.
     """
 
     def __init__(self, model: SegModel, infer_size: int, scales: list[float] | None = None, flip: bool = False,
                  device: torch.device | str = "cpu", window: int = 0, window_overlap: float = 1 / 3,
                  precision: str = "fp32", class_weights: Sequence[float] | None = None,
-                 crf: Optional[CrfParams] = None):
+                 crf: Optional[CrfParams] = None, crf_workers: int = 0):
         if window < 0 or not 0 <= window_overlap < 1:
             raise ValueError(f"sliding window needs window >= 0 and 0 <= overlap < 1, got {window}, {window_overlap}")
         self.model = dist.channels_last(model.to(device).eval())
@@ -37,7 +39,9 @@ class SegPredictor:
         self.normalize = normalizer(model.mean, model.std)
         self.divisor = getattr(model, "size_divisor", 32)
         self.class_weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
-        self.crf = crf
+        if crf_workers < 0:
+            raise ValueError(f"crf_workers must be >= 0, got {crf_workers}")
+        self.crf, self.crf_workers = crf, crf_workers
         if crf is not None:
             _densecrf()  # fail now, with the install command, rather than at the first image
 
@@ -47,7 +51,7 @@ class SegPredictor:
         """From a `SegTrainCfg` (infer_size, infer_scales, infer_flip, infer_window(_overlap), infer_crf*)."""
         crf = inference_crf_params(sc) if sc.infer_crf else None
         return cls(model, sc.infer_size or sc.crop_size, sc.infer_scales, sc.infer_flip, device,
-                   sc.infer_window, sc.infer_window_overlap, precision, class_weights, crf)
+                   sc.infer_window, sc.infer_window_overlap, precision, class_weights, crf, sc.infer_crf_workers)
 
     def _size(self, h: int, w: int, scale: float) -> tuple[int, int]:
         f = self.infer_size * scale / max(h, w)
@@ -95,9 +99,9 @@ class SegPredictor:
                 count[:, :, top:top + win, left:left + win] += 1
         return (total / count)[:, :, :h, :w]
 
-    def final_probabilities(self, image: np.ndarray, present: np.ndarray | None = None) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (C, H, W) probabilities after the class weights, the `present` gate ((C,) bool:
-        the classes the image may hold; the others get 0) and the dense CRF on the original image when `crf`."""
+    def network_probabilities(self, image: np.ndarray, present: np.ndarray | None = None) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (C, H, W) probabilities after the class weights and the `present` gate ((C,) bool:
+        the classes the image may hold; the others get 0), before any CRF."""
         probs = self.probabilities(image)
         if self.class_weights is not None:
             if len(self.class_weights) != probs.shape[0]:
@@ -107,18 +111,50 @@ class SegPredictor:
             if len(present) != probs.shape[0]:
                 raise ValueError(f"a gate of {len(present)} classes for a {probs.shape[0]}-class model")
             probs = reweight(probs, np.asarray(present, dtype=np.float32))
-        if self.crf is not None:
-            # gated-out classes hold no probability: the CRF runs over the others alone (its cost grows with C)
-            probs = probs.cpu()
-            keep = torch.arange(probs.shape[0]) if present is None else torch.from_numpy(np.flatnonzero(present))
-            refined = (torch.from_numpy(crf_from_probabilities(image, probs[keep].numpy(), self.crf))
-                       if len(keep) > 1 else probs[keep].float())  # one class left: nothing to refine
-            probs = refined.new_zeros(probs.shape).index_copy_(0, keep, refined)
         return probs.cpu()
+
+    def final_probabilities(self, image: np.ndarray, present: np.ndarray | None = None) -> torch.Tensor:
+        """`network_probabilities`, then the dense CRF on the original image when `crf`: (C, H, W)."""
+        probs = self.network_probabilities(image, present)
+        return probs if self.crf is None else crf_refined(image, probs, present, self.crf)
 
     def labels(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 -> (H, W) uint8 class ids (after the dense CRF on the original image when `crf`)."""
         return self.final_probabilities(image).argmax(0).to(torch.uint8).numpy()
+
+    def iter_labels(self, images: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """`labels` of each image, in order. With the CRF and `crf_workers` > 0, the CRF (single-threaded, most of
+        the time on a CPU) runs in that many worker processes while this one runs the network on the next images;
+        at most `crf_workers` + 1 images wait for theirs. Same labels either way."""
+        if self.crf is None or self.crf_workers == 0:
+            for image in images:
+                yield self.labels(image)
+            return
+        with dist.pool_context().Pool(self.crf_workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            waiting: deque = deque()
+            for image in images:
+                probs = self.network_probabilities(image).numpy()
+                waiting.append(pool.apply_async(_crf_labels, (image, probs, self.crf)))
+                if len(waiting) > self.crf_workers:
+                    yield waiting.popleft().get()
+            while waiting:
+                yield waiting.popleft().get()
+
+
+def crf_refined(image: np.ndarray, probs: torch.Tensor, present: np.ndarray | None, params: CrfParams) -> torch.Tensor:
+    """The dense CRF of `probs` (C, H, W) on `image` (H, W, 3) uint8 over the `present` classes ((C,) bool; None =
+    all); the others keep probability 0. Returns (C, H, W)."""
+    # gated-out classes hold no probability: the CRF runs over the others alone (its cost grows with C)
+    probs = probs.cpu()
+    keep = torch.arange(probs.shape[0]) if present is None else torch.from_numpy(np.flatnonzero(present))
+    refined = (torch.from_numpy(crf_from_probabilities(image, probs[keep].numpy(), params))
+               if len(keep) > 1 else probs[keep].float())  # one class left: nothing to refine
+    return refined.new_zeros(probs.shape).index_copy_(0, keep, refined)
+
+
+def _crf_labels(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.ndarray:
+    """In a worker process: (H, W) uint8 labels of the CRF of `probs` (C, H, W) on `image`."""
+    return crf_refined(image, torch.from_numpy(probs), None, params).argmax(0).to(torch.uint8).numpy()
 
 
 def present_classes(image_labels: np.ndarray) -> np.ndarray:
