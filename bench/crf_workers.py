@@ -4,7 +4,7 @@
     python -m bench.crf_workers --run runs/voc07-best --images ../shared/data/VOCdevkit/VOC2007/JPEGImages \
         [--count 40] [--workers 0 1 2] [--threads 2 1]
 
-Each (workers, main-process torch threads) row predicts the same first `--count` images (sorted names) and is
+Each (workers, torch threads of the process) row predicts the same first `--count` images (sorted names) and is
 checked against the first row's labels, pixel for pixel. Result: bench/out/crf_workers.json.
 """
 
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=40)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
-                    help="torch threads of the main process (the network)")
+                    help="torch threads of the process; iter_labels leaves max(1, threads - workers) to the network")
     args = ap.parse_args()
     images = [read_image(f) for f in list_images(args.images)[:args.count]]
     rows, reference = [], None

@@ -226,9 +226,12 @@ def test_the_crf_workers_read_at_most_one_image_more_than_they_run():
             yield image(20, 24, seed=seed)
 
     predictor = SegPredictor.from_config(PixelwiseModel(classes=3), crf_config("train_seg.infer_crf_workers=2"))
+    threads = torch.get_num_threads()
     labels = predictor.iter_labels(pictures())
     next(labels)
     assert pulled == [0, 1, 2]  # 2 images in the workers, 1 waiting: the rest not yet read (bounded memory)
+    assert torch.get_num_threads() == max(1, threads - 2)  # the network leaves the workers their cores
     assert len(list(labels)) == 5 and pulled == list(range(6))
+    assert torch.get_num_threads() == threads
     with pytest.raises(ValueError, match="crf_workers must be >= 0"):
         SegPredictor(PixelwiseModel(), infer_size=24, crf_workers=-1)

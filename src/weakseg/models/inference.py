@@ -124,13 +124,15 @@ class SegPredictor:
 
     def iter_labels(self, images: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """`labels` of each image, in order. With the CRF and `crf_workers` > 0, the CRF (single-threaded, most of
-        the time on a CPU) runs in that many worker processes while this one runs the network on the next images;
-        at most `crf_workers` + 1 images wait for theirs. Same labels either way."""
+        the time on a CPU) runs in that many worker processes while this one runs the network on the next images
+        with `crf_workers` fewer torch threads (at least 1; restored when the iteration ends), and at most
+        `crf_workers` + 1 images wait for theirs. Same labels either way."""
         if self.crf is None or self.crf_workers == 0:
             for image in images:
                 yield self.labels(image)
             return
-        with dist.pool_context().Pool(self.crf_workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with dist.threads_beside(self.crf_workers), \
+                dist.pool_context().Pool(self.crf_workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             waiting: deque = deque()
             for image in images:
                 probs = self.network_probabilities(image).numpy()
