@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--crf-workers", type=int, default=None,
                    help="processes running the inference CRF beside the network (default: the run's "
-                        "train_seg.infer_crf_workers); same labels at any number")
+                        "train_seg.infer_crf_workers)")
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)

@@ -273,7 +273,8 @@ class SegTrainCfg:
     infer_crf_bilateral_srgb: float = field(default=3.0, metadata=INFERENCE_ONLY)
     infer_crf_bilateral_compat: float = field(default=4.0, metadata=INFERENCE_ONLY)
     # worker processes running that CRF (single-threaded, most of evaluate's and predict's time on a CPU) while the
-    # network runs on the next images; 0 = in-process. Same labels either way.
+    # network runs on the next images on as many fewer torch threads; 0 = in-process. Same labels up to the network's
+    # float rounding at another thread count.
     infer_crf_workers: int = field(default=0, metadata=SPEED_ONLY)
 
 

@@ -126,7 +126,8 @@ class SegPredictor:
         """`labels` of each image, in order. With the CRF and `crf_workers` > 0, the CRF (single-threaded, most of
         the time on a CPU) runs in that many worker processes while this one runs the network on the next images
         with `crf_workers` fewer torch threads (at least 1; restored when the iteration ends), and at most
-        `crf_workers` + 1 images wait for theirs. Same labels either way."""
+        `crf_workers` + 1 images wait for theirs. The same labels up to the float rounding of the network at
+        another thread count (identical on 209 VOC images; bench.crf_workers checks them)."""
         if self.crf is None or self.crf_workers == 0:
             for image in images:
                 yield self.labels(image)
