@@ -197,7 +197,7 @@ def pool_context() -> mp.context.BaseContext:
 @contextlib.contextmanager
 def threads_beside(workers: int):
     """torch's intra-op threads in this process cut by `workers` (to at least 1) for the block, for CPU-bound worker
-    processes that run beside it: on 2 cores, 2 CRF workers and a 1-thread network predict ~1.3 x faster than
+    processes that run beside it: on 2 cores, 2 CRF workers and a 1-thread network predict ~1.4 x faster than
     beside a 2-thread one, whose threads wait for cores the workers hold (bench.crf_workers)."""
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, before - workers))
