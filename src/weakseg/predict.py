@@ -62,8 +62,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, dev
     written = []
     mine = dist.shard(files)
     predictions = predictor.iter_labels(read_image(f) for f in mine)
-    # predictions first: zip then runs the generator to its end, which closes its worker pool
-    for labels, f in tqdm(zip(predictions, mine), total=len(mine), desc="predict",
+    for f, labels in tqdm(zip(mine, predictions), total=len(mine), desc="predict",
                           disable=not dist.is_main_process(), dynamic_ncols=True):
         target = out / f"{f.stem}.png"
         save_label_png(target, labels)

@@ -129,8 +129,7 @@ def evaluate_segmentation(ctx: StageContext, eval_ds: WeakSegDataset, chosen_thr
     per_image = []
     mine = dist.shard(list(enumerate(indices)))
     predictions = predictor.iter_labels(eval_ds.image(i) for _, i in mine)  # the CRF maybe in worker processes
-    # predictions first: zip then runs the generator to its end, which closes its worker pool
-    for pred, (k, i) in tqdm(zip(predictions, mine), total=len(mine), desc="eval seg",
+    for (k, i), pred in tqdm(zip(mine, predictions), total=len(mine), desc="eval seg",
                              disable=not dist.is_main_process(), dynamic_ncols=True):
         gt = eval_ds.mask(i)
         seg.update(gt, pred)

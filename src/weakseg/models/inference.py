@@ -140,8 +140,8 @@ class SegPredictor:
                 waiting.append(pool.apply_async(_crf_labels, (image, probs, self.crf)))
                 if len(waiting) > self.crf_workers:
                     yield waiting.popleft().get()
-            while waiting:
-                yield waiting.popleft().get()
+            last = [result.get() for result in waiting]
+        yield from last  # the pool is closed and the threads restored even if the caller stops after the last one
 
 
 def crf_refined(image: np.ndarray, probs: torch.Tensor, present: np.ndarray | None, params: CrfParams) -> torch.Tensor:
