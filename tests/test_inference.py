@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -195,8 +199,6 @@ def crf_config(*overrides: str):
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])  # spawn = macOS / Windows
 def test_the_crf_in_worker_processes_gives_the_labels_of_the_crf_in_process(monkeypatch, start_method):
     pytest.importorskip("pydensecrf.densecrf")
-    import multiprocessing as mp
-
     pools: list[str] = []
     monkeypatch.setattr(dist, "pool_context", lambda: pools.append(start_method) or mp.get_context(start_method))
     pictures = [image(20, 24, seed=s) for s in range(4)] + [image(17, 31, seed=9), image(24, 24, seed=11)]
@@ -214,6 +216,25 @@ def test_the_crf_in_worker_processes_gives_the_labels_of_the_crf_in_process(monk
     for labels, want in zip(got, expected):
         assert labels.dtype == np.uint8
         np.testing.assert_array_equal(labels, want)
+
+
+def _crf_that_kills_its_worker(image, probs, params):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="the patched CRF reaches spawned workers unpatched")
+@pytest.mark.timeout(120)  # a multiprocessing.Pool would wait for the dead worker forever
+def test_a_crf_worker_that_dies_is_an_error_and_the_threads_come_back(monkeypatch):
+    import weakseg.models.inference as inference
+
+    pytest.importorskip("pydensecrf.densecrf")
+    monkeypatch.setattr(dist, "pool_context", lambda: mp.get_context("fork"))
+    monkeypatch.setattr(inference, "_crf_labels", _crf_that_kills_its_worker)
+    predictor = SegPredictor.from_config(PixelwiseModel(classes=3), crf_config("train_seg.infer_crf_workers=1"))
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match=r"^the inference CRF: a worker process died"):
+        list(predictor.iter_labels(image(20, 24, seed=s) for s in range(5)))
+    assert torch.get_num_threads() == threads
 
 
 def test_the_crf_workers_read_at_most_one_image_more_than_they_run():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import signal
 import sys
 
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from weakseg import dist
 from weakseg.config import MaskCfg, load_config
 from weakseg.io import IGNORE_INDEX, load_label_png, save_cam, write_json
 from weakseg.masks.crf import CrfUnavailable
@@ -353,12 +357,8 @@ def test_masks_stage_fuses_another_runs_agnostic_cams(tmp_path):
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_masks_stage_in_worker_processes_writes_the_same_masks(tmp_path, monkeypatch, start_method):
-    import multiprocessing as mp
-
-    import weakseg.masks.stage as stage
-
     pytest.importorskip("pydensecrf.densecrf")
-    monkeypatch.setattr(stage, "pool_context", lambda: mp.get_context(start_method))  # spawn = macOS / Windows
+    monkeypatch.setattr(dist, "pool_context", lambda: mp.get_context(start_method))  # spawn = macOS / Windows
     outputs = {}
     for workers in (0, 2):
         cfg = load_config(None, TINY_DEMO + [f"runs_dir={tmp_path}", f"name=w{workers}", "masks.method=crf",
@@ -370,6 +370,29 @@ def test_masks_stage_in_worker_processes_writes_the_same_masks(tmp_path, monkeyp
     assert outputs[0].keys() == outputs[2].keys() and len(outputs[0]) == 10
     for sid, mask in outputs[0].items():
         np.testing.assert_array_equal(mask, outputs[2][sid], err_msg=sid)
+
+
+class _JobThatKillsItsWorker:
+    """A masks job whose worker process dies (as under the OOM killer) on image 3."""
+
+    def __call__(self, i: int) -> float:
+        if i == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return i / 10
+
+
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="the job class is pickled by reference under spawn")
+@pytest.mark.timeout(120)  # a multiprocessing.Pool would wait for the dead worker forever
+def test_a_masks_worker_that_dies_is_an_error_naming_the_stage(monkeypatch):
+    from weakseg.masks.stage import make_masks
+
+    monkeypatch.setattr(dist, "pool_context", lambda: mp.get_context("fork"))
+    assert make_masks(_JobThatKillsItsWorker(), [0, 1, 2], workers=2) == [0.0, 0.1, 0.2]
+    with pytest.raises(RuntimeError, match=r"^masks: a worker process died .*Rerun with 0 workers"):
+        make_masks(_JobThatKillsItsWorker(), list(range(12)), workers=2)
+    with pytest.raises(ZeroDivisionError):  # an error inside the job keeps its type
+        with dist.worker_pool(2, "division") as pool:
+            list(pool.map(divmod, [4, 5], [2, 0]))
 
 
 def test_worker_count_is_not_part_of_the_masks_fingerprint():

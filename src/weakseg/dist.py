@@ -6,6 +6,8 @@ import contextlib
 import multiprocessing as mp
 import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import timedelta
 
 import torch
@@ -192,6 +194,21 @@ def pool_context() -> mp.context.BaseContext:
     platform has it (workers inherit the dataset and the maker, nothing to pickle), else spawn (macOS / Windows:
     a pool's job is pickled once per worker)."""
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, what: str, initializer=None, initargs: tuple = ()):
+    """A `ProcessPoolExecutor` of `workers` processes (`pool_context`'s start method) for the block. A worker that
+    dies (killed, out of memory) fails the pending results with a RuntimeError naming `what`, where a
+    multiprocessing.Pool would wait for it forever; on any error the tasks not yet started are cancelled."""
+    executor = ProcessPoolExecutor(workers, mp_context=pool_context(), initializer=initializer, initargs=initargs)
+    try:
+        yield executor
+    except BrokenProcessPool as e:
+        raise RuntimeError(f"{what}: a worker process died ({e}); killed, or out of memory? Rerun with 0 workers "
+                           f"to run it in this process") from e
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ from tqdm import tqdm
 from weakseg import dist
 from weakseg.cams.generate import top_cam_counts, top_cam_histogram
 from weakseg.data import build_dataset, collapse_to_binary
-from weakseg.dist import pool_context
 from weakseg.io import load_cam, save_label_png
 from weakseg.masks.makers import build_mask_maker, otsu_threshold
 from weakseg.runs import StageContext, StageError, pending_shard, require_all_written
@@ -145,8 +144,8 @@ def make_masks(job: MaskJob, indices: list[int], workers: int, desc: str = "mask
     # the bar is closed (its line ended) before an error propagates, so the CLI's error line stands alone
     with tqdm(desc=desc, total=len(indices), disable=not dist.is_main_process(), dynamic_ncols=True) as bar:
         if workers > 0 and len(indices) > 1:
-            with pool_context().Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
-                for fraction in pool.imap(_work, indices, chunksize=4):
+            with dist.worker_pool(workers, desc, initializer=_init_worker, initargs=(job,)) as pool:
+                for fraction in pool.map(_work, indices, chunksize=4):
                     fractions.append(fraction)
                     bar.update()
         else:

@@ -133,14 +133,15 @@ class SegPredictor:
                 yield self.labels(image)
             return
         with dist.threads_beside(self.crf_workers), \
-                dist.pool_context().Pool(self.crf_workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                dist.worker_pool(self.crf_workers, "the inference CRF", initializer=torch.set_num_threads,
+                                 initargs=(1,)) as pool:
             waiting: deque = deque()
             for image in images:
                 probs = self.network_probabilities(image).numpy()
-                waiting.append(pool.apply_async(_crf_labels, (image, probs, self.crf)))
+                waiting.append(pool.submit(_crf_labels, image, probs, self.crf))
                 if len(waiting) > self.crf_workers:
-                    yield waiting.popleft().get()
-            last = [result.get() for result in waiting]
+                    yield waiting.popleft().result()
+            last = [result.result() for result in waiting]
         yield from last  # the pool is closed and the threads restored even if the caller stops after the last one
 
 
