@@ -222,7 +222,7 @@ def _crf_that_kills_its_worker(image, probs, params):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="the patched CRF reaches spawned workers unpatched")
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="spawned workers see the CRF unpatched")
 @pytest.mark.timeout(120)  # a multiprocessing.Pool would wait for the dead worker forever
 def test_a_crf_worker_that_dies_is_an_error_and_the_threads_come_back(monkeypatch):
     import weakseg.models.inference as inference
@@ -232,7 +232,8 @@ def test_a_crf_worker_that_dies_is_an_error_and_the_threads_come_back(monkeypatc
     monkeypatch.setattr(inference, "_crf_labels", _crf_that_kills_its_worker)
     predictor = SegPredictor.from_config(PixelwiseModel(classes=3), crf_config("train_seg.infer_crf_workers=1"))
     threads = torch.get_num_threads()
-    with pytest.raises(RuntimeError, match=r"^the inference CRF: a worker process died"):
+    rerun = r"Rerun with train_seg.infer_crf_workers=0 \(predict: --crf-workers 0\) "
+    with pytest.raises(RuntimeError, match=r"^the inference CRF: a worker process died .*" + rerun):
         list(predictor.iter_labels(image(20, 24, seed=s) for s in range(5)))
     assert torch.get_num_threads() == threads
 

@@ -381,17 +381,17 @@ class _JobThatKillsItsWorker:
         return i / 10
 
 
-@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="the job class is pickled by reference under spawn")
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="fork only: a spawned worker re-imports")
 @pytest.mark.timeout(120)  # a multiprocessing.Pool would wait for the dead worker forever
 def test_a_masks_worker_that_dies_is_an_error_naming_the_stage(monkeypatch):
     from weakseg.masks.stage import make_masks
 
     monkeypatch.setattr(dist, "pool_context", lambda: mp.get_context("fork"))
     assert make_masks(_JobThatKillsItsWorker(), [0, 1, 2], workers=2) == [0.0, 0.1, 0.2]
-    with pytest.raises(RuntimeError, match=r"^masks: a worker process died .*Rerun with 0 workers"):
+    with pytest.raises(RuntimeError, match=r"^masks: a worker process died .*Rerun with masks.num_workers=0 "):
         make_masks(_JobThatKillsItsWorker(), list(range(12)), workers=2)
     with pytest.raises(ZeroDivisionError):  # an error inside the job keeps its type
-        with dist.worker_pool(2, "division") as pool:
+        with dist.worker_pool(2, "division", "division.workers=0") as pool:
             list(pool.map(divmod, [4, 5], [2, 0]))
 
 

@@ -197,16 +197,17 @@ def pool_context() -> mp.context.BaseContext:
 
 
 @contextlib.contextmanager
-def worker_pool(workers: int, what: str, initializer=None, initargs: tuple = ()):
+def worker_pool(workers: int, what: str, rerun_with: str, initializer=None, initargs: tuple = ()):
     """A `ProcessPoolExecutor` of `workers` processes (`pool_context`'s start method) for the block. A worker that
-    dies (killed, out of memory) fails the pending results with a RuntimeError naming `what`, where a
-    multiprocessing.Pool would wait for it forever; on any error the tasks not yet started are cancelled."""
+    dies (killed, out of memory) fails the pending results with a RuntimeError naming `what` and `rerun_with` (the
+    setting without workers), where a multiprocessing.Pool would wait for it forever; on any error the tasks not
+    yet started are cancelled."""
     executor = ProcessPoolExecutor(workers, mp_context=pool_context(), initializer=initializer, initargs=initargs)
     try:
         yield executor
     except BrokenProcessPool as e:
-        raise RuntimeError(f"{what}: a worker process died ({e}); killed, or out of memory? Rerun with 0 workers "
-                           f"to run it in this process") from e
+        raise RuntimeError(f"{what}: a worker process died ({e}); killed, or out of memory? Rerun with "
+                           f"{rerun_with} to run it in this process") from e
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
 

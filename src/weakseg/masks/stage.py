@@ -144,7 +144,8 @@ def make_masks(job: MaskJob, indices: list[int], workers: int, desc: str = "mask
     # the bar is closed (its line ended) before an error propagates, so the CLI's error line stands alone
     with tqdm(desc=desc, total=len(indices), disable=not dist.is_main_process(), dynamic_ncols=True) as bar:
         if workers > 0 and len(indices) > 1:
-            with dist.worker_pool(workers, desc, initializer=_init_worker, initargs=(job,)) as pool:
+            with dist.worker_pool(workers, desc, "masks.num_workers=0", initializer=_init_worker,
+                                  initargs=(job,)) as pool:
                 for fraction in pool.map(_work, indices, chunksize=4):
                     fractions.append(fraction)
                     bar.update()

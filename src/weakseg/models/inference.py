@@ -133,8 +133,8 @@ class SegPredictor:
                 yield self.labels(image)
             return
         with dist.threads_beside(self.crf_workers), \
-                dist.worker_pool(self.crf_workers, "the inference CRF", initializer=torch.set_num_threads,
-                                 initargs=(1,)) as pool:
+                dist.worker_pool(self.crf_workers, "the inference CRF", "train_seg.infer_crf_workers=0 (predict: "
+                                 "--crf-workers 0)", initializer=torch.set_num_threads, initargs=(1,)) as pool:
             waiting: deque = deque()
             for image in images:
                 probs = self.network_probabilities(image).numpy()
