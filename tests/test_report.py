@@ -321,3 +321,12 @@ def test_screenshot_check_flags_a_blank_page(tmp_path):
     Image.new("RGB", (400, 300), "white").save(blank)
     checks = _screenshot_module().check_screenshot(blank)
     assert not checks["not_blank"] and not checks["has_tables"] and not checks["has_images"] and not checks["ok"]
+
+
+def test_a_missing_report_extra_names_the_shell_safe_install_command(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(RuntimeError, match=r'^the report needs matplotlib: pip install "weakseg\[report\]"$'):
+        write_report(tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -130,8 +130,21 @@ def test_model_names_resolve_by_family_and_errors_list_options(monkeypatch):
     with pytest.raises(ValueError, match="segmenter_test_vit"):
         build_seg_model("mask2former_r50", 2, pretrained=False)
     monkeypatch.setitem(sys.modules, "segmentation_models_pytorch", None)
-    with pytest.raises(ImportError, match=r"pip install weakseg\[smp\]"):
+    with pytest.raises(ImportError, match=r'pip install "weakseg\[smp\]"'):  # quoted: zsh globs [smp]
         build_seg_model("unet_test_efficientnet", 2, pretrained=False)
+
+
+def test_a_missing_onnx_extra_names_the_shell_safe_install_command(monkeypatch, tmp_path):
+    from weakseg.models.export import export_onnx, onnx_parity
+
+    model = build_seg_model("lraspp_test_efficientnet", 2, pretrained=False)
+    for module in ("onnx", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=r'^ONNX export needs onnx: pip install "weakseg\[onnx\]"$'):
+        export_onnx(model, tmp_path / "m.onnx", 32)
+    with pytest.raises(ImportError, match=r'^the ONNX parity check needs onnxruntime: pip install "weakseg\[onnx\]"$'):
+        onnx_parity(model, tmp_path / "m.onnx", 32)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.parametrize("name", ["lraspp_test_efficientnet", "segmenter_test_vit", "segmenter_hybrid_test",

@@ -601,7 +601,7 @@ def write_report(run_dir: Path, device: str = "cpu") -> Path:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise RuntimeError("the report needs matplotlib: pip install 'weakseg[report]'") from None
+        raise RuntimeError('the report needs matplotlib: pip install "weakseg[report]"') from None
     rf = RunFiles.load(Path(run_dir))
     cfg_path = next((p for p in (rf.run_dir / "evaluate" / "config.yaml", rf.run_dir / "config.yaml") if p.is_file()),
                     None)

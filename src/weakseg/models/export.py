@@ -83,7 +83,7 @@ def export_onnx(model: SegModel, path: str | Path, size: int | tuple[int, int], 
     try:
         import onnx
     except ImportError as e:
-        raise ImportError("ONNX export needs onnx: pip install weakseg[onnx]") from e
+        raise ImportError('ONNX export needs onnx: pip install "weakseg[onnx]"') from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = _hw(size)
@@ -106,7 +106,7 @@ def onnx_parity(model: SegModel, path: str | Path, size: int | tuple[int, int], 
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise ImportError("the ONNX parity check needs onnxruntime: pip install weakseg[onnx]") from e
+        raise ImportError('the ONNX parity check needs onnxruntime: pip install "weakseg[onnx]"') from e
     h, w = _hw(size)
     image = torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
     wrapped = NormalisedSegModel(copy.deepcopy(model), class_weights).cpu().eval()

@@ -104,7 +104,7 @@ def _import_smp():
     try:
         import segmentation_models_pytorch as smp
     except ImportError as e:
-        raise ImportError("U-Net models need segmentation-models-pytorch: pip install weakseg[smp]  "
+        raise ImportError('U-Net models need segmentation-models-pytorch: pip install "weakseg[smp]"  '
                           "(or pip install segmentation-models-pytorch)") from e
     return smp
 
