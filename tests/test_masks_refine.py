@@ -73,6 +73,37 @@ def test_crf_labels_are_background_plus_the_image_classes():
 
 
 @pytest.mark.crf
+@pytest.mark.parametrize("unary", ["softmax", "labels"])
+def test_the_ignore_band_passes_share_one_crf_and_equal_separate_crfs(unary):
+    """The band's two passes reuse one CRF's pairwise kernels: labels identical to two independent CRFs."""
+    pytest.importorskip("pydensecrf.densecrf")
+    from weakseg.masks.crf import background_softmax, crf_from_labels, crf_from_probabilities
+
+    # four 10-column stripes (red, grey, blue, green): class 7 sure, nothing, class 12 unsure, class 12 sure
+    image = np.zeros((40, 40, 3), np.int64)
+    for stripe, colour in enumerate([(200, 40, 40), (128, 128, 128), (40, 40, 200), (40, 160, 60)]):
+        image[:, 10 * stripe:10 * stripe + 10] = colour
+    image = np.clip(image + np.random.default_rng(0).integers(-10, 11, image.shape), 0, 255).astype(np.uint8)
+    cams = np.zeros((2, 40, 40), np.float32)
+    cams[0, :, :10], cams[:, :, 10:20], cams[1, :, 20:30], cams[1, :, 30:] = 0.9, 0.05, 0.35, 0.9
+    cfg = MaskCfg(method="crf", crf_unary=unary, crf_softmax_temperature=0.25, ignore_low=0.2, ignore_high=0.5)
+    maker = build_mask_maker(cfg)
+    band = maker.make(cams, np.array([7, 12]), image)
+
+    def separate(bg_value):
+        if unary == "softmax":
+            marginals = crf_from_probabilities(image, background_softmax(cams, bg_value, 0.25), maker.params)
+        else:
+            index = np.where(cams.max(0) >= bg_value, cams.argmax(0) + 1, 0)
+            marginals = crf_from_labels(image, index, 3, cfg.crf_gt_prob, maker.params)
+        return np.array([0, 7, 12])[marginals.argmax(0)]
+
+    at_high, at_low = separate(0.5), separate(0.2)
+    assert np.array_equal(band, np.where(at_high > 0, at_high, np.where(at_low == 0, 0, IGNORE_INDEX)))
+    assert band[20].tolist() == [7] * 10 + [0] * 10 + [IGNORE_INDEX] * 10 + [12] * 10
+
+
+@pytest.mark.crf
 def test_crf_refuses_a_normalised_image():
     pytest.importorskip("pydensecrf.densecrf")
     normalised = (two_colour_image().astype(np.float32) / 255 - 0.45) / 0.22

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 
 from weakseg.config import MaskCfg
 from weakseg.io import IGNORE_INDEX, load_cam
-from weakseg.masks.crf import CrfParams, _densecrf, background_softmax, crf_from_labels, crf_from_probabilities
+from weakseg.masks.crf import (CrfParams, _densecrf, background_softmax, crf_passes_from_labels,
+                              crf_passes_from_probabilities)
 from weakseg.masks.fusion import foreground_map, fuse_agnostic_specific, fused_scores, resolve_cams_dir
 
 if TYPE_CHECKING:
@@ -110,24 +112,26 @@ class CrfMaker(MaskMaker):
         if cams.shape[0] == 0:
             return np.zeros(cams.shape[1:], dtype=np.uint8)
         if not 0 <= self.cfg.ignore_low < self.cfg.ignore_high:
-            return self.crf_labels(cams, classes, image, self.bg_threshold)
-        confident_fg = self.crf_labels(cams, classes, image, self.cfg.ignore_high)
-        confident_bg = self.crf_labels(cams, classes, image, self.cfg.ignore_low) == 0
+            return self.crf_labels(cams, classes, image, [self.bg_threshold])[0]
+        confident_fg, at_low = self.crf_labels(cams, classes, image, [self.cfg.ignore_high, self.cfg.ignore_low])
+        confident_bg = at_low == 0
         out = np.full(confident_fg.shape, IGNORE_INDEX, dtype=np.uint8)
         out[confident_fg > 0] = confident_fg[confident_fg > 0]
         out[(confident_fg == 0) & confident_bg] = 0
         return out
 
-    def crf_labels(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray, bg_value: float) -> np.ndarray:
-        """One CRF pass with the background plane at `bg_value` -> (H, W) uint8 labels (0 = background)."""
+    def crf_labels(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray,
+                   bg_values: Sequence[float]) -> list[np.ndarray]:
+        """One CRF pass per background plane value in `bg_values` -> (H, W) uint8 labels each (0 = background)."""
         if self.cfg.crf_unary == "softmax":
-            probs = background_softmax(cams, bg_value, self.cfg.crf_softmax_temperature)
-            marginals = crf_from_probabilities(image, probs, self.params)
+            probs = [background_softmax(cams, bg_value, self.cfg.crf_softmax_temperature) for bg_value in bg_values]
+            marginals = crf_passes_from_probabilities(image, probs, self.params)
         else:
-            index = np.where(cams.max(axis=0) >= bg_value, cams.argmax(axis=0) + 1, 0)
-            marginals = crf_from_labels(image, index, cams.shape[0] + 1, self.cfg.crf_gt_prob, self.params)
+            top, index = cams.max(axis=0), cams.argmax(axis=0) + 1
+            labels = [np.where(top >= bg_value, index, 0) for bg_value in bg_values]
+            marginals = crf_passes_from_labels(image, labels, cams.shape[0] + 1, self.cfg.crf_gt_prob, self.params)
         ids = np.concatenate([[0], np.asarray(classes)]).astype(np.uint8)
-        return ids[marginals.argmax(axis=0)]
+        return [ids[m.argmax(axis=0)] for m in marginals]
 
 
 class RefinerMaker(MaskMaker):
