@@ -10,8 +10,8 @@ per image (keyword inputs of `make`, e.g. the fusion maker's foreground map) and
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
