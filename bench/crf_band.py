@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bench.common import write_result
 from weakseg.config import load_config
 from weakseg.data.imageio import read_image
-from weakseg.io import IGNORE_INDEX, load_cam
-from weakseg.masks.crf import background_softmax, crf_from_probabilities
-from weakseg.masks.makers import CrfMaker
+from weakseg.io import load_cam
+from weakseg.masks.makers import CrfMaker, confident_regions
+from weakseg.masks.stage import upsample_cam
 
 
 def main() -> None:
@@ -44,15 +43,11 @@ def main() -> None:
     samples = []
     for path in sorted((run / "cams" / "cams").glob("*.npz"))[:args.count]:
         cams, classes, size = load_cam(path)
-        cams = F.interpolate(torch.from_numpy(cams)[None], size=size, mode="bilinear", align_corners=False)[0]
-        samples.append((cams.clamp(0, 1).numpy(), classes, read_image(Path(args.images) / f"{path.stem}.jpg")))
+        samples.append((upsample_cam(cams, size), classes, read_image(Path(args.images) / f"{path.stem}.jpg")))
 
-    def separate(cams, classes, image):
-        ids = np.concatenate([[0], classes]).astype(np.uint8)
-        temperature = maker.cfg.crf_softmax_temperature
-        at_high, at_low = (ids[crf_from_probabilities(image, background_softmax(cams, bg, temperature),
-                                                      maker.params).argmax(0)] for bg in (args.high, args.low))
-        return np.where(at_high > 0, at_high, np.where(at_low == 0, 0, IGNORE_INDEX)).astype(np.uint8)
+    def separate(cams, classes, image):  # one CRF per pass, each building its own pairwise kernels
+        passes = (maker.crf_labels(cams, classes, image, [bg])[0] for bg in (args.high, args.low))
+        return confident_regions(*passes)
 
     rows, labels = [], {}
     for name, make in (("two separate CRFs", separate), ("one CRF, two passes (weakseg)", maker.make)):

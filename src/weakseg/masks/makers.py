@@ -88,6 +88,16 @@ class ThresholdMaker(MaskMaker):
         return threshold_labels(cams, classes, self.bg_threshold, self.cfg.ignore_low, self.cfg.ignore_high)
 
 
+def confident_regions(at_high: np.ndarray, at_low: np.ndarray) -> np.ndarray:
+    """IRN's confident regions from two label maps (H, W) (0 = background) of the background plane at the band's
+    high and low ends: at_high's classes where it has one, background where at_low still says background, 255
+    elsewhere."""
+    out = np.full(at_high.shape, IGNORE_INDEX, dtype=np.uint8)
+    out[at_high > 0] = at_high[at_high > 0]
+    out[(at_high == 0) & (at_low == 0)] = 0
+    return out
+
+
 class CrfMaker(MaskMaker):
     """Dense CRF on the original RGB image over background + the image's classes.
 
@@ -113,12 +123,7 @@ class CrfMaker(MaskMaker):
             return np.zeros(cams.shape[1:], dtype=np.uint8)
         if not 0 <= self.cfg.ignore_low < self.cfg.ignore_high:
             return self.crf_labels(cams, classes, image, [self.bg_threshold])[0]
-        confident_fg, at_low = self.crf_labels(cams, classes, image, [self.cfg.ignore_high, self.cfg.ignore_low])
-        confident_bg = at_low == 0
-        out = np.full(confident_fg.shape, IGNORE_INDEX, dtype=np.uint8)
-        out[confident_fg > 0] = confident_fg[confident_fg > 0]
-        out[(confident_fg == 0) & confident_bg] = 0
-        return out
+        return confident_regions(*self.crf_labels(cams, classes, image, [self.cfg.ignore_high, self.cfg.ignore_low]))
 
     def crf_labels(self, cams: np.ndarray, classes: np.ndarray, image: np.ndarray,
                    bg_values: Sequence[float]) -> list[np.ndarray]:
