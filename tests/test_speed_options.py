@@ -1,4 +1,5 @@
-"""Speed options of the stages: mixed precision (autocast + loss scaling), torch.compile, channels-last."""
+"""Speed options of the stages: mixed precision (autocast + loss scaling, fp32 depthwise convs under CPU bf16),
+torch.compile, channels-last."""
 
 from __future__ import annotations
 
@@ -108,6 +109,60 @@ def test_compile_option_compiles_the_training_model(tmp_path, monkeypatch):
     assert compiled == []
     train_toy(tmp_path / "on", compile=True)
     assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+
+
+def depthwise_net() -> torch.nn.Module:
+    """stem conv -> frozen depthwise -> trainable depthwise -> pointwise, as in an EfficientNet block."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                              torch.nn.Conv2d(8, 8, 5, padding=2, groups=8), torch.nn.Conv2d(8, 4, 1))
+    net[1].requires_grad_(False)
+    return net
+
+
+def test_fp32_depthwise_convs_switches_only_trainable_depthwise_convs_and_restores_them():
+    net = depthwise_net()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = net(x)
+        with dist.fp32_depthwise_convs(net) as count:
+            assert count == 1  # not the stem, not the frozen depthwise conv, not the pointwise one
+            assert [type(m) is torch.nn.Conv2d for m in net] == [True, True, False, True]
+            hidden = []
+            hook = net[2].register_forward_hook(lambda m, i, o: hidden.append((i[0].dtype, o.dtype)))
+            mixed = net(x)
+            hook.remove()
+            mixed.float().sum().backward()
+    assert hidden == [(torch.bfloat16, torch.bfloat16)]  # the next layer still gets bf16
+    assert all(type(m) is torch.nn.Conv2d for m in net)  # restored
+    assert mixed.dtype == torch.bfloat16 and net[2].weight.grad.dtype == torch.float32
+    torch.testing.assert_close(mixed.float(), net.float()(x), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(mixed.float(), plain.float(), atol=0.05, rtol=0.05)
+    with dist.fp32_depthwise_convs(net, enabled=False) as count:
+        assert count == 0 and all(type(m) is torch.nn.Conv2d for m in net)
+    with pytest.raises(RuntimeError, match="boom"):
+        with dist.fp32_depthwise_convs(net):
+            raise RuntimeError("boom")
+    assert all(type(m) is torch.nn.Conv2d for m in net)
+
+
+@pytest.mark.parametrize("precision,fp32_calls", [("bf16", True), ("fp32", False)])
+def test_fit_runs_trainable_depthwise_convs_in_fp32_under_cpu_bf16_only(tmp_path, monkeypatch, precision,
+                                                                         fp32_calls):
+    calls = []
+    monkeypatch.setattr(dist._Fp32DepthwiseConv2d, "forward",
+                        lambda self, x: calls.append(x.dtype) or torch.nn.Conv2d.forward(self, x.float()).to(x.dtype))
+    cfg = PipelineCfg(runs_dir=str(tmp_path), name="dw", precision=precision)
+    ctx = StageContext(cfg, "dw", torch.device("cpu"))
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    net = depthwise_net()
+    head = torch.nn.Sequential(net, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD([p for p in head.parameters() if p.requires_grad], lr=0.1)
+    fit(ctx, head, ToySet(16), lambda m, b: F.cross_entropy(m(b[0]).float(), b[1]), opt, epochs=1, batch_size=8,
+        seed=0, validate=lambda m: {"val_loss": float(F.cross_entropy(m(ToySet(16).x), ToySet(16).y))})
+    ctx.close()
+    assert len(calls) == (2 if fp32_calls else 0)  # 2 training batches; validation runs the plain classes
+    assert all(type(m) is torch.nn.Conv2d for m in net)
 
 
 def test_bf16_inference_returns_fp32_probabilities_close_to_fp32():

@@ -83,6 +83,34 @@ def channels_last(obj):
     return obj
 
 
+class _Fp32DepthwiseConv2d(torch.nn.Conv2d):
+    """A depthwise Conv2d that runs in fp32 inside an autocast region and returns the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float()).to(x.dtype)
+
+
+@contextlib.contextmanager
+def fp32_depthwise_convs(model: torch.nn.Module, enabled: bool = True):
+    """Run `model`'s trainable depthwise convolutions in fp32 while the block lasts (-> how many).
+
+    Under CPU bf16 autocast oneDNN's depthwise backward is 2-3x slower than in fp32 and dominates the step of
+    EfficientNet-Lite models (docs/performance.md); the other layers keep bf16. Only plain `nn.Conv2d` modules
+    with groups == in_channels > 1 and a weight that gets a gradient change (frozen ones run forward only, which
+    bf16 speeds up); parameters and state-dict keys are untouched, and the classes are restored on exit.
+    """
+    swapped = [m for m in model.modules() if enabled and type(m) is torch.nn.Conv2d and m.groups > 1
+               and m.groups == m.in_channels and m.weight.requires_grad]
+    for m in swapped:
+        m.__class__ = _Fp32DepthwiseConv2d
+    try:
+        yield len(swapped)
+    finally:
+        for m in swapped:
+            m.__class__ = torch.nn.Conv2d
+
+
 # glibc mallopt parameters (malloc.h) and what keep_freed_heap_memory sets them to
 _MALLOPT = {"MALLOC_TRIM_THRESHOLD_": (-1, 100_000 << 20), "MALLOC_MMAP_THRESHOLD_": (-3, 32 << 20),
             "MALLOC_MMAP_MAX_": (-4, 0)}

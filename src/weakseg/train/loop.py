@@ -138,6 +138,7 @@ def fit(
     dist.warn_loader_oversubscription(ctx.stage, device, num_workers)
     precision = dist.resolve_precision(ctx.cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    fp32_depthwise = device.type == "cpu" and precision == "bf16"
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
         ema_decay), use_buffers=True) if ema_decay else None)
     start_epoch, start_batch, best = 0, 0, {"epoch": -1, "score": math.inf}
@@ -192,26 +193,28 @@ def fit(
         running, count = 0.0, 0
         bar = tqdm(loader, desc=f"{ctx.stage} epoch {epoch + 1}/{epochs}", initial=skip, total=len(batches),
                    disable=not dist.is_main_process(), leave=False, dynamic_ncols=True)
-        for b, batch in enumerate(bar, start=skip):
-            batch = tuple(dist.channels_last(t.to(device, non_blocking=True)) for t in batch)
-            with dist.autocast(device, precision):
-                loss = loss_fn(train_model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            step += 1
-            loss_value = float(loss.detach())
-            running += loss_value
-            count += 1
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            if step % 10 == 0:
-                ctx.log({"step": step, "epoch": epoch, "train_loss": loss_value, "lr": scheduler.get_last_lr()[-1]})
-            if checkpoint_every and (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):
-                checkpoint(epoch, b + 1)
+        # under CPU bf16, depthwise backward is far slower than in fp32 (dist.fp32_depthwise_convs); training only
+        with dist.fp32_depthwise_convs(model, enabled=fp32_depthwise):
+            for b, batch in enumerate(bar, start=skip):
+                batch = tuple(dist.channels_last(t.to(device, non_blocking=True)) for t in batch)
+                with dist.autocast(device, precision):
+                    loss = loss_fn(train_model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                step += 1
+                loss_value = float(loss.detach())
+                running += loss_value
+                count += 1
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                if step % 10 == 0:
+                    ctx.log({"step": step, "epoch": epoch, "train_loss": loss_value, "lr": scheduler.get_last_lr()[-1]})
+                if checkpoint_every and (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):
+                    checkpoint(epoch, b + 1)
         record = {"step": step, "epoch": epoch + 1, "epoch_train_loss": running / max(count, 1)}
         kept = model if ema is None else ema.module  # the weights validated and saved
         if validate is not None:
