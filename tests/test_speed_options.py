@@ -146,12 +146,12 @@ def test_fp32_depthwise_convs_switches_only_trainable_depthwise_convs_and_restor
     assert all(type(m) is torch.nn.Conv2d for m in net)
 
 
-@pytest.mark.parametrize("precision,fp32_calls", [("bf16", True), ("fp32", False)])
+@pytest.mark.parametrize("precision,fp32_calls", [("bf16", 2), ("fp32", 0)])  # 2 training batches
 def test_fit_runs_trainable_depthwise_convs_in_fp32_under_cpu_bf16_only(tmp_path, monkeypatch, precision,
                                                                          fp32_calls):
-    calls = []
+    calls, fp32_forward = [], dist._Fp32DepthwiseConv2d.forward
     monkeypatch.setattr(dist._Fp32DepthwiseConv2d, "forward",
-                        lambda self, x: calls.append(x.dtype) or torch.nn.Conv2d.forward(self, x.float()).to(x.dtype))
+                        lambda self, x: calls.append(x.dtype) or fp32_forward(self, x))
     cfg = PipelineCfg(runs_dir=str(tmp_path), name="dw", precision=precision)
     ctx = StageContext(cfg, "dw", torch.device("cpu"))
     ctx.out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def test_fit_runs_trainable_depthwise_convs_in_fp32_under_cpu_bf16_only(tmp_path
     fit(ctx, head, ToySet(16), lambda m, b: F.cross_entropy(m(b[0]).float(), b[1]), opt, epochs=1, batch_size=8,
         seed=0, validate=lambda m: {"val_loss": float(F.cross_entropy(m(ToySet(16).x), ToySet(16).y))})
     ctx.close()
-    assert len(calls) == (2 if fp32_calls else 0)  # 2 training batches; validation runs the plain classes
+    assert calls == [torch.bfloat16] * fp32_calls  # validation runs the plain classes
     assert all(type(m) is torch.nn.Conv2d for m in net)
 
 
