@@ -3,6 +3,7 @@ stage's fixed gt_ratio subset, loss choice and fully-supervised baseline."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from functools import lru_cache
 
@@ -89,6 +90,25 @@ class BaseSegModelTester:
         with torch.no_grad():
             out = model(torch.randn(1, 3, 37, 53))
         assert out.shape == (1, NUM_CLASSES, 37, 53)
+
+    def test_zeroed_classifier_starts_every_class_at_one_over_c_and_learns(self):
+        model = copy.deepcopy(self.model).train()
+        if self.model_name.startswith("segmenter_"):  # its class masks are layer-normalised: nothing to zero
+            assert model.classifier_layers() == []
+            with pytest.raises(ValueError, match="no separate classifier layer"):
+                model.zero_init_classifier()
+            return
+        model.zero_init_classifier()
+        x, target = torch.randn(2, 3, 64, 64), torch.randint(0, NUM_CLASSES, (2, 64, 64))
+        logits = model(x)
+        assert torch.all(logits == 0)
+        loss = F.cross_entropy(logits, target)
+        assert loss.item() == pytest.approx(np.log(NUM_CLASSES), abs=1e-6)
+        loss.backward()
+        assert all(bool(layer.weight.grad.abs().sum() > 0) for layer in model.classifier_layers())
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        with torch.no_grad():
+            assert float(model(x).std()) > 0  # one step later the model no longer predicts a constant
 
     def test_param_groups_scale_the_encoder_lr(self):
         groups = self.model.param_groups(1e-3, encoder_lr_scale=0.1, weight_decay=0.0)
@@ -249,6 +269,29 @@ def test_train_seg_passes_its_weight_average_and_label_smoothing_to_the_loop_and
     assert metrics["ema_decay"] == 0.9 and metrics["label_smoothing"] == 0.2
     _, _, plain = run_train_seg(tmp_path / "plain", [])
     assert "ema_decay" not in plain and "label_smoothing" not in plain
+
+
+def test_train_seg_zero_init_head_trains_from_a_zeroed_classifier(tmp_path, monkeypatch):
+    from weakseg.config import ConfigError
+    from weakseg.train import segmentation
+
+    at_fit = []
+
+    def spy(ctx, model, *args, **kwargs):
+        at_fit.append([layer.weight.detach().clone() for layer in model.classifier_layers()])
+        return real_fit(ctx, model, *args, **kwargs)
+
+    real_fit = segmentation.fit
+    monkeypatch.setattr(segmentation, "fit", spy)
+    cfg, _, metrics = run_train_seg(tmp_path, ["train_seg.zero_init_head=true"])
+    assert metrics["zero_init_head"] is True and len(at_fit) == 1
+    assert all(torch.all(w == 0) for w in at_fit[0])
+    trained = torch.load(cfg.run_dir / "train-seg" / "model.pt", weights_only=True)
+    assert float(trained["model"]["head.low_classifier.weight"].abs().sum()) > 0  # and it trained from there
+    _, _, plain = run_train_seg(tmp_path / "plain", [])
+    assert "zero_init_head" not in plain and not torch.all(at_fit[1][0] == 0)
+    with pytest.raises(ConfigError, match="train_seg.zero_init_head with model segmenter_test_vit"):
+        run_train_seg(tmp_path / "vit", ["train_seg.zero_init_head=true", "train_seg.model=segmenter_test_vit"])
 
 
 def test_gradient_clipping_needs_a_crop_divisible_by_the_window(tmp_path):

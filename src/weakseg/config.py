@@ -243,6 +243,9 @@ class SegTrainCfg:
     # (the previous round's selected model, fine-tuned on its own relabelled masks)
     self_training_init: str = field(default="fresh", metadata=LATE)
     self_training_epochs: int = field(default=0, metadata=LATE)  # epochs of each later round; 0 = train_seg.epochs
+    # start the model's final classifier layers at zero, i.e. every class at 1 / C (SegModel.zero_init_classifier;
+    # not for the Segmenter, whose masks are normalised over classes)
+    zero_init_head: bool = field(default=False, metadata=LATE)
     # > 0: keep an exponential moving average of the weights (decay per step) and validate / save it instead of the
     # trained weights (weakseg.train.loop.fit); 0 = off
     ema_decay: float = field(default=0.0, metadata=LATE)

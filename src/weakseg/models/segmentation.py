@@ -52,6 +52,21 @@ class SegModel(nn.Module):
             raise ValueError(f"{type(self).__name__} has no separate encoder to freeze")
         return freeze_leading_levels(getattr(encoder, "model", encoder), levels)  # smp wraps timm's in .model
 
+    def classifier_layers(self) -> list[nn.Module]:
+        """The layers whose outputs sum to the class logits (convs with weight and bias); [] = none separable."""
+        return []
+
+    def zero_init_classifier(self) -> None:
+        """Zero the weights and biases of `classifier_layers()`: the untrained model then gives every class 1 / C
+        at every pixel, so training starts at CE = ln C. Their gradients stay non-zero (they scale with the input
+        features), so everything before them starts learning from the second step."""
+        layers = self.classifier_layers()
+        if not layers:
+            raise ValueError(f"{type(self).__name__} has no separate classifier layer to zero")
+        for layer in layers:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
     def param_groups(self, lr: float, encoder_lr_scale: float = 1.0, weight_decay: float = 0.0) -> list[dict]:
         """Optimiser groups: encoder at lr * encoder_lr_scale, the rest at lr (trainable parameters only)."""
         enc_ids = {id(p) for p in self.encoder_lr_parameters()}
@@ -73,6 +88,9 @@ class TorchvisionLRASPP(SegModel):
     def encoder_module(self) -> nn.Module:
         return self.net.backbone
 
+    def classifier_layers(self) -> list[nn.Module]:
+        return [self.net.classifier.low_classifier, self.net.classifier.high_classifier]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)["out"]
 
@@ -93,6 +111,11 @@ class TimmLRASPP(SegModel):
 
     def encoder_module(self) -> nn.Module:
         return self.encoder
+
+    def classifier_layers(self) -> list[nn.Module]:
+        # the low branch is a 1x1 conv straight on the raw stride-8 features (std ~9 on EfficientNet-Lite0), so
+        # at the default init it alone puts the VOC CE at ~8 instead of ln 21 (zero_init_classifier)
+        return [self.head.low_classifier, self.head.high_classifier]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.encoder(x)
@@ -140,6 +163,9 @@ class SmpUNet(SegModel):
 
     def encoder_module(self) -> nn.Module:
         return self.net.encoder
+
+    def classifier_layers(self) -> list[nn.Module]:
+        return [self.net.segmentation_head[0]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

@@ -215,6 +215,12 @@ def run(ctx: StageContext) -> dict:
             model = build_seg_model(sc.model, ds.num_classes, sc.pretrained and not sc.encoder_from_classifier)
             init_info = (init_encoder_from_classifier(model, ctx.upstream("train-cls") / "model.pt")
                          if sc.encoder_from_classifier else {})
+            if sc.zero_init_head:
+                try:
+                    model.zero_init_classifier()
+                except ValueError as e:
+                    raise ConfigError(f"train_seg.zero_init_head with model {sc.model}: {e}") from None
+                init_info = {**init_info, "zero_init_head": True}
         if sc.frozen_encoder_levels:
             try:
                 frozen = model.freeze_encoder_levels(sc.frozen_encoder_levels)
