@@ -54,7 +54,7 @@ def main() -> None:
     run_dir = Path(args.run)
     ctx = run_context(run_dir, "train-seg", "evaluate", args.overrides)
     cls_ds, ds, masked = masked_training_images(ctx.cfg)
-    predictor = predictor_for(ctx, load_seg_model(ctx, ds.num_classes))
+    predictor = predictor_for(ctx, load_seg_model(ctx, ds.num_classes), ds.num_classes)
     rows = ["segmentation model"]
     calibration = None
     if args.calibrate:
@@ -71,9 +71,12 @@ def main() -> None:
         inputs = CamInputs(cls_ds, masked, cam_input_size(ctx))
         rows += ["gated by the true image labels (bound)"] + [f"gated by predicted labels, p > {t}" for t in args.gate]
     crf_row = "dense CRF on the probabilities"
+    calibrated_crf_row = "calibrated, then the dense CRF"
     if args.crf:
         rows.append(crf_row)
         crf_params = inference_crf_params(ctx.cfg.train_seg)
+        if calibration is not None:
+            rows.append(calibrated_crf_row)
     cms = {r: ConfusionMatrix(ds.num_classes, ds.class_names) for r in rows}
     model_seconds = 0.0
     for k, i in enumerate(tqdm(masked, desc=f"seg {args.label}", dynamic_ncols=True)):
@@ -94,6 +97,9 @@ def main() -> None:
                 cms[row].update(gt, gated_labels(probs, predicted > t))
         if args.crf:
             cms[crf_row].update(gt, crf_from_probabilities(image, probs.numpy(), crf_params).argmax(0).astype(np.uint8))
+            if calibration is not None:
+                refined = crf_from_probabilities(image, reweight(probs, weights).numpy(), crf_params)
+                cms[calibrated_crf_row].update(gt, refined.argmax(0).astype(np.uint8))
     sc = ctx.cfg.train_seg
     write_result(f"seg_quality-{args.label}", {
         "run": str(run_dir), "overrides": args.overrides, "images": len(masked),

@@ -334,3 +334,36 @@ def test_stored_levels_walk_like_a_fresh_backbone_pass(tmp_path):
     assert fresh.shape == cams.shape and np.abs(fresh - reused).max() < 1e-2  # float16 storage
     stored.delete()
     assert not any(p.exists() for p in paths) and stored(ds.ids[0]) is None
+
+
+class TwoRegionBackbone(torch.nn.Module):
+    """Levels = channel 0 of the image at stride 4, so a head scaling it tells a dark from a bright region."""
+
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+    def forward_pyramid(self, x, n):
+        return [torch.nn.functional.avg_pool2d(x[:, :1], 4)] * n
+
+
+class ScaledHead(torch.nn.Module):
+    def forward(self, levels):
+        return 10 * levels[0]
+
+
+def test_probability_walk_outvotes_a_stray_class_inside_its_region_and_stops_at_the_edge():
+    from weakseg.masks.affinity import ProbabilityWalk
+
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:, 16:] = 255
+    probs = torch.zeros(3, 32, 32)
+    probs[:, :, :16] = torch.tensor([0.3, 0.7, 0.0])[:, None, None]  # left: class 1
+    probs[:, 4:8, 4:8] = torch.tensor([0.3, 0.1, 0.6])[:, None, None]  # a stray class-2 patch inside it
+    probs[:, :, 16:] = torch.tensor([0.8, 0.0, 0.2])[:, None, None]  # right: background, some class 2
+    walk = ProbabilityWalk(TwoRegionBackbone(), ScaledHead(), image_size=32, radius=2, beta=8.0, iterations=32)
+    walked = walk(image, probs)
+    assert walked.shape == probs.shape and torch.allclose(walked.sum(0), torch.ones(32, 32), atol=1e-5)
+    labels = walked.argmax(0)
+    assert (probs.argmax(0)[4:8, 4:8] == 2).all() and (labels[:, :14] == 1).all()  # the patch is outvoted
+    assert (labels[:, 18:] == 0).all() and walked[1, :, 18:].max() < 1e-3  # class 1 does not cross the edge
+    with pytest.raises(ValueError, match="iterations > 0"):
+        ProbabilityWalk(TwoRegionBackbone(), ScaledHead(), 32, 2, 8.0, 0)

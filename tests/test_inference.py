@@ -163,6 +163,33 @@ def test_the_class_gate_removes_absent_classes_and_renormalises():
         predictor.final_probabilities(picture, np.array([True, True, False]))
 
 
+def test_the_walk_gets_the_image_and_the_gated_probabilities_and_its_output_feeds_the_crf(monkeypatch):
+    from weakseg.models import inference
+
+    seen = {}
+
+    def sharpen(probs):
+        return probs ** 4 / (probs ** 4).sum(0, keepdim=True)
+
+    def sharpening_walk(picture, probs):  # a stand-in walk whose effect is easy to see
+        seen["image"], seen["probs"] = picture, probs.clone()
+        return sharpen(probs)
+
+    sc = load_config(None, ["train_seg.infer_crf=true", "train_seg.crop_size=24"]).train_seg
+    predictor = SegPredictor.from_config(PixelwiseModel(classes=4), sc, walk=sharpening_walk)
+    picture, keep = image(20, 24), np.array([True, True, False, True])
+    plain = SegPredictor(PixelwiseModel(classes=4), infer_size=24).final_probabilities(picture, keep)
+    crf_inputs = []
+    monkeypatch.setattr(inference, "crf_from_probabilities",
+                        lambda img, probs, params: crf_inputs.append(probs) or probs)
+    refined = predictor.final_probabilities(picture, keep)
+    assert seen["image"] is picture
+    torch.testing.assert_close(seen["probs"], plain)  # walked after the gate
+    assert not torch.allclose(sharpen(plain), plain, atol=1e-2)
+    torch.testing.assert_close(refined, sharpen(plain))  # and the CRF ran on the walked probabilities
+    torch.testing.assert_close(torch.from_numpy(crf_inputs[0]), sharpen(plain)[torch.from_numpy(keep)])
+
+
 def test_the_gated_crf_runs_over_the_kept_classes_only_and_matches_the_crf_of_all(monkeypatch):
     pytest.importorskip("pydensecrf.densecrf")
     import weakseg.models.inference as inference

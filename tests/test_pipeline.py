@@ -177,6 +177,48 @@ def test_inference_crf_rescores_a_trained_run_and_predict_uses_it(tiny_cfg, tiny
         np.testing.assert_array_equal(labels["2"][name], want)
 
 
+def test_affinity_walk_rescores_a_trained_run_and_predict_uses_it(tiny_overrides, tmp_path):
+    from weakseg.data.imageio import read_image
+    from weakseg.predict import load_predictor
+    from weakseg.runs import StageError
+
+    affinity = tiny_overrides + ["masks.method=affinity", "masks.affinity_epochs=1", "masks.affinity_image_size=64",
+                                 "masks.affinity_radius=2", "masks.affinity_iterations=4"]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", affinity)
+    run_pipeline(cfg)
+    plain, _ = load_predictor(cfg.run_dir, "cpu")
+    assert plain.walk is None
+    walked = load_config(ROOT / "configs" / "demo.yaml", affinity + ["train_seg.infer_affinity_walk=8"])
+    assert _statuses(run_pipeline(walked)) == {"train-cls": "skipped", "cams": "skipped", "masks": "skipped",
+                                               "train-seg": "skipped", "evaluate": "ran"}
+    predictor, _ = load_predictor(cfg.run_dir, "cpu")  # train-seg's config has no walk: evaluate's has it
+    assert (predictor.walk.iterations, predictor.walk.image_size, predictor.walk.radius) == (8, 64, 2)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(2)
+    for stem, (h, w) in {"a": (30, 40), "b": (53, 17)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"{stem}.png")
+    out = tmp_path / "pred"
+    assert main(["predict", "--run", str(cfg.run_dir), "--images", str(images), "--out", str(out)]) == 0
+    for stem in ("a", "b"):
+        picture = read_image(images / f"{stem}.png")
+        np.testing.assert_array_equal(np.array(Image.open(out / f"{stem}.png")), predictor.labels(picture))
+        moved = predictor.network_probabilities(picture) - plain.network_probabilities(picture)
+        assert moved.abs().max() > 1e-3
+    (cfg.run_dir / "masks" / "affinity.pt").rename(tmp_path / "affinity.pt")
+    with pytest.raises(StageError, match=r"masks/affinity\.pt: train_seg\.infer_affinity_walk needs this file"):
+        load_predictor(cfg.run_dir, "cpu")
+
+
+@pytest.mark.parametrize("override", ["masks.method=crf train_seg.infer_affinity_walk=4",
+                                      "masks.method=affinity train_seg.infer_affinity_walk=-1"])
+def test_a_walk_without_an_affinity_head_or_with_negative_steps_is_refused_before_training(tiny_overrides, override):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + override.split())
+    with pytest.raises(ConfigError, match=r"train_seg\.infer_affinity_walk=-?4?1?: .* masks\.method affinity or "):
+        run_pipeline(cfg)
+    assert not (cfg.run_dir / "train-cls").exists()
+
+
 def test_self_training_relabels_with_the_models_own_gated_predictions_and_resumes(tiny_cfg, tiny_overrides):
     import torch
 

@@ -306,7 +306,7 @@ def test_late_keys_leave_existing_fingerprints_alone_until_set():
                          ("train_seg", "self_training_confidence"), ("train_seg", "self_training_init"),
                          ("train_seg", "self_training_epochs"), ("train_seg", "ema_decay"),
                          ("train_seg", "label_smoothing"), ("train_seg", "frozen_encoder_levels"),
-                         ("train_seg", "zero_init_head"),
+                         ("train_seg", "zero_init_head"), ("train_seg", "infer_affinity_walk"),
                          ("train_seg", "unseen_folds"), ("train_seg", "unseen_fold"),
                          ("masks", "bg_threshold_rule"), ("masks", "area_match_images"),
                          *(("masks", key) for key in full["masks"] if key.startswith("affinity_")),

@@ -13,7 +13,7 @@ from weakseg.io import read_json, save_label_png
 from weakseg.models.inference import SegPredictor
 from weakseg.runs import StageError, require_all_written, verify_outputs
 from weakseg.train.calibration import load_class_weights
-from weakseg.train.segmentation import load_trained_seg_model
+from weakseg.train.segmentation import load_trained_seg_model, probability_walk_for
 
 
 def load_predictor(run_dir: str | Path, device: str = "auto",
@@ -36,7 +36,8 @@ def load_predictor(run_dir: str | Path, device: str = "auto",
         sc.infer_crf_workers = crf_workers
     dev = dist.resolve_device(device if device != "auto" else cfg.device)
     weights = load_class_weights(seg_dir, sc.calibration)
-    return SegPredictor.from_config(model, sc, dev, cfg.precision, weights), class_names
+    walk = probability_walk_for(cfg, Path(run_dir), len(class_names), dev)
+    return SegPredictor.from_config(model, sc, dev, cfg.precision, weights, walk), class_names
 
 
 def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, device: str = "auto",

@@ -378,3 +378,56 @@ def walk_image(backbone: nn.Module, head: AffinityHead, image: np.ndarray, cams:
     walked = random_walk(cams_on_grid(cams, tuple(embedding.shape[-2:])).to(device), weights, offsets, iterations)
     walked = F.interpolate(walked[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     return (walked / walked.max().clamp_min(1e-6)).cpu().numpy()
+
+
+AFFINITY_MAKERS = ("affinity", "affinity_crf")
+
+
+class ProbabilityWalk:
+    """Inference-time refinement of a segmentation model's output: the masks stage's random walk applied to the
+    model's class probabilities (background included) on the affinities of the same image, each pixel then
+    renormalised. The walk runs on the affinity grid (`image_size` / stride), so the result is as coarse as the
+    walked CAMs were; the inference CRF, when on, restores the image's edges after it."""
+
+    def __init__(self, backbone: nn.Module, head: AffinityHead, image_size: int, radius: int, beta: float,
+                 iterations: int, device: torch.device | str = "cpu"):
+        if iterations <= 0:
+            raise ValueError(f"ProbabilityWalk needs iterations > 0, got {iterations}")
+        self.backbone, self.head = backbone.eval(), head.eval()
+        self.image_size, self.radius, self.beta, self.iterations = image_size, radius, beta, iterations
+        self.device = torch.device(device)
+
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray, probs: torch.Tensor) -> torch.Tensor:
+        """image (H, W, 3) uint8, probs (C, H, W) -> walked probabilities (C, H, W) float32, summing to 1."""
+        walked = torch.from_numpy(walk_image(self.backbone, self.head, image, probs.float().cpu().numpy(),
+                                             self.image_size, self.radius, self.beta, self.iterations, self.device))
+        return walked / walked.sum(0, keepdim=True).clamp_min(1e-12)
+
+
+def load_probability_walk(cfg, run_dir: Path, num_foreground: int, iterations: int,
+                          device: torch.device | str = "cpu") -> ProbabilityWalk:
+    """The walk of `run_dir`'s affinity head (masks/affinity.pt) on its classifier's features (train-cls/model.pt),
+    with the masks stage's radius, beta and image size from `cfg` (a `PipelineCfg`)."""
+    from weakseg.config import ConfigError
+    from weakseg.runs import StageError, verify_outputs
+    from weakseg.train.classifier import build_classifier
+    from weakseg.train.loop import load_checkpoint
+
+    mc = cfg.masks
+    if mc.method not in AFFINITY_MAKERS:
+        raise ConfigError(f"train_seg.infer_affinity_walk={iterations} walks on the affinities the masks stage "
+                          f"learns, but masks.method={mc.method}; use one of {', '.join(AFFINITY_MAKERS)} or set "
+                          "train_seg.infer_affinity_walk=0")
+    run_dir = Path(run_dir)
+    for stage, product in (("train-cls", "model.pt"), ("masks", "affinity.pt")):
+        ok, reason = verify_outputs(run_dir / stage)
+        if not ok or not (run_dir / stage / product).is_file():
+            raise StageError(f"{run_dir / stage / product}: train_seg.infer_affinity_walk needs this file of a "
+                             f"completed {stage} stage ({reason if not ok else 'missing'}); redo the run's {stage} "
+                             "stage or set train_seg.infer_affinity_walk=0")
+    classifier = build_classifier(cfg, num_foreground, pretrained=False)
+    classifier.load_state_dict(load_checkpoint(run_dir / "train-cls" / "model.pt")["model"])
+    head, _ = load_affinity(run_dir / "masks" / "affinity.pt")
+    return ProbabilityWalk(classifier.backbone.to(device), head.to(device), mc.affinity_image_size, mc.affinity_radius,
+                           mc.affinity_beta, iterations, device)

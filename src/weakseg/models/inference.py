@@ -4,7 +4,7 @@ back to the input size."""
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,12 +23,15 @@ class SegPredictor:
     `class_weights` (C,): labels are argmax_c w_c * p_c (a label-free calibration, weakseg.train.calibration).
     `crf`: labels come from a dense CRF over every class on the original image, unary -log p (DeepLab-style);
     `crf_workers` > 0: `iter_labels` runs that CRF in as many processes beside this one.
+    `walk`: (image, probs (C, H, W)) -> probs (C, H, W), applied before the CRF
+    (weakseg.masks.affinity.ProbabilityWalk).
     """
 
     def __init__(self, model: SegModel, infer_size: int, scales: list[float] | None = None, flip: bool = False,
                  device: torch.device | str = "cpu", window: int = 0, window_overlap: float = 1 / 3,
                  precision: str = "fp32", class_weights: Sequence[float] | None = None,
-                 crf: Optional[CrfParams] = None, crf_workers: int = 0):
+                 crf: Optional[CrfParams] = None, crf_workers: int = 0,
+                 walk: Optional[Callable[[np.ndarray, torch.Tensor], torch.Tensor]] = None):
         if window < 0 or not 0 <= window_overlap < 1:
             raise ValueError(f"sliding window needs window >= 0 and 0 <= overlap < 1, got {window}, {window_overlap}")
         self.model = dist.channels_last(model.to(device).eval())
@@ -41,17 +44,18 @@ class SegPredictor:
         self.class_weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
         if crf_workers < 0:
             raise ValueError(f"crf_workers must be >= 0, got {crf_workers}")
-        self.crf, self.crf_workers = crf, crf_workers
+        self.crf, self.crf_workers, self.walk = crf, crf_workers, walk
         if crf is not None:
             _densecrf()  # fail now, with the install command, rather than at the first image
 
     @classmethod
     def from_config(cls, model: SegModel, sc, device: torch.device | str = "cpu", precision: str = "fp32",
-                    class_weights: Sequence[float] | None = None) -> "SegPredictor":
+                    class_weights: Sequence[float] | None = None,
+                    walk: Optional[Callable[[np.ndarray, torch.Tensor], torch.Tensor]] = None) -> "SegPredictor":
         """From a `SegTrainCfg` (infer_size, infer_scales, infer_flip, infer_window(_overlap), infer_crf*)."""
         crf = inference_crf_params(sc) if sc.infer_crf else None
         return cls(model, sc.infer_size or sc.crop_size, sc.infer_scales, sc.infer_flip, device,
-                   sc.infer_window, sc.infer_window_overlap, precision, class_weights, crf, sc.infer_crf_workers)
+                   sc.infer_window, sc.infer_window_overlap, precision, class_weights, crf, sc.infer_crf_workers, walk)
 
     def _size(self, h: int, w: int, scale: float) -> tuple[int, int]:
         f = self.infer_size * scale / max(h, w)
@@ -100,8 +104,8 @@ class SegPredictor:
         return (total / count)[:, :, :h, :w]
 
     def network_probabilities(self, image: np.ndarray, present: np.ndarray | None = None) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (C, H, W) probabilities after the class weights and the `present` gate ((C,) bool:
-        the classes the image may hold; the others get 0), before any CRF."""
+        """(H, W, 3) uint8 -> (C, H, W) probabilities after the class weights, the `present` gate ((C,) bool:
+        the classes the image may hold; the others get 0) and the walk, before any CRF."""
         probs = self.probabilities(image)
         if self.class_weights is not None:
             if len(self.class_weights) != probs.shape[0]:
@@ -111,6 +115,8 @@ class SegPredictor:
             if len(present) != probs.shape[0]:
                 raise ValueError(f"a gate of {len(present)} classes for a {probs.shape[0]}-class model")
             probs = reweight(probs, np.asarray(present, dtype=np.float32))
+        if self.walk is not None:
+            probs = self.walk(image, probs.cpu())
         return probs.cpu()
 
     def final_probabilities(self, image: np.ndarray, present: np.ndarray | None = None) -> torch.Tensor:

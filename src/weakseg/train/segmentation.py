@@ -26,6 +26,7 @@ from weakseg.data import masked_fold, seg_dataset, train_val_indices
 from weakseg.data.base import WeakSegDataset
 from weakseg.data.torch_datasets import SegmentationDataset
 from weakseg.io import IGNORE_INDEX, load_label_png, read_json, save_label_png, write_json
+from weakseg.masks.affinity import ProbabilityWalk, load_probability_walk
 from weakseg.models.backbones import normalizer
 from weakseg.models.inference import SegPredictor, present_classes
 from weakseg.models.segmentation import SegModel, build_seg_model
@@ -113,10 +114,17 @@ def load_seg_model(ctx: StageContext, num_classes: int) -> SegModel:
     return model.to(ctx.device).eval()
 
 
-def predictor_for(ctx: StageContext, model: SegModel) -> SegPredictor:
+def predictor_for(ctx: StageContext, model: SegModel, num_classes: int) -> SegPredictor:
     sc = ctx.cfg.train_seg
     weights = load_class_weights(ctx.upstream("train-seg"), sc.calibration)
-    return SegPredictor.from_config(model, sc, ctx.device, ctx.cfg.precision, weights)
+    walk = probability_walk_for(ctx.cfg, ctx.run_dir, num_classes, ctx.device)
+    return SegPredictor.from_config(model, sc, ctx.device, ctx.cfg.precision, weights, walk)
+
+
+def probability_walk_for(cfg, run_dir: Path, num_classes: int, device) -> ProbabilityWalk | None:
+    """`train_seg.infer_affinity_walk` of `run_dir` (its masks stage's affinity head), or None when it is 0."""
+    steps = cfg.train_seg.infer_affinity_walk
+    return load_probability_walk(cfg, run_dir, num_classes - 1, steps, device) if steps else None
 
 
 def relabel(ctx: StageContext, ds: WeakSegDataset, model_path: Path, indices: list[int], folder: Path,
@@ -133,7 +141,8 @@ def relabel(ctx: StageContext, ds: WeakSegDataset, model_path: Path, indices: li
     t0 = time.time()
     dist.barrier()  # model.pt is written by rank 0
     model = load_trained_seg_model(sc.model, ds.num_classes, model_path)
-    predictor = SegPredictor.from_config(model, sc, ctx.device, ctx.cfg.precision)
+    walk = probability_walk_for(ctx.cfg, ctx.run_dir, ds.num_classes, ctx.device)
+    predictor = SegPredictor.from_config(model, sc, ctx.device, ctx.cfg.precision, walk=walk)
     stems = [ds.ids[i] for i in indices]
     for k in tqdm(pending_shard(folder, stems, ".png"), desc=f"{ctx.stage} relabel {folder.name}",
                   disable=not dist.is_main_process(), leave=False, dynamic_ncols=True):
