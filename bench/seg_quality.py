@@ -54,7 +54,7 @@ def main() -> None:
     run_dir = Path(args.run)
     ctx = run_context(run_dir, "train-seg", "evaluate", args.overrides)
     cls_ds, ds, masked = masked_training_images(ctx.cfg)
-    predictor = predictor_for(ctx, load_seg_model(ctx, ds.num_classes), ds.num_classes)
+    predictor = predictor_for(ctx, load_seg_model(ctx, ds.num_classes))
     rows = ["segmentation model"]
     calibration = None
     if args.calibrate:

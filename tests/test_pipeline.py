@@ -177,13 +177,15 @@ def test_inference_crf_rescores_a_trained_run_and_predict_uses_it(tiny_cfg, tiny
         np.testing.assert_array_equal(labels["2"][name], want)
 
 
-def test_affinity_walk_rescores_a_trained_run_and_predict_uses_it(tiny_overrides, tmp_path):
+@pytest.mark.parametrize("binary", [False, True])  # binary: the classifier's 5 classes, the segmentation's pet / bg
+def test_affinity_walk_rescores_a_trained_run_and_predict_uses_it(tiny_overrides, tmp_path, binary):
     from weakseg.data.imageio import read_image
     from weakseg.predict import load_predictor
     from weakseg.runs import StageError
 
     affinity = tiny_overrides + ["masks.method=affinity", "masks.affinity_epochs=1", "masks.affinity_image_size=64",
-                                 "masks.affinity_radius=2", "masks.affinity_iterations=4"]
+                                 "masks.affinity_radius=2", "masks.affinity_iterations=4",
+                                 f"data.binary_masks={str(binary).lower()}"]
     cfg = load_config(ROOT / "configs" / "demo.yaml", affinity)
     run_pipeline(cfg)
     plain, _ = load_predictor(cfg.run_dir, "cpu")
@@ -200,6 +202,7 @@ def test_affinity_walk_rescores_a_trained_run_and_predict_uses_it(tiny_overrides
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"{stem}.png")
     out = tmp_path / "pred"
     assert main(["predict", "--run", str(cfg.run_dir), "--images", str(images), "--out", str(out)]) == 0
+    assert predictor.model(torch.zeros(1, 3, 32, 32)).shape[1] == (2 if binary else 6)
     for stem in ("a", "b"):
         picture = read_image(images / f"{stem}.png")
         np.testing.assert_array_equal(np.array(Image.open(out / f"{stem}.png")), predictor.labels(picture))

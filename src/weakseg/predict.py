@@ -36,7 +36,7 @@ def load_predictor(run_dir: str | Path, device: str = "auto",
         sc.infer_crf_workers = crf_workers
     dev = dist.resolve_device(device if device != "auto" else cfg.device)
     weights = load_class_weights(seg_dir, sc.calibration)
-    walk = probability_walk_for(cfg, Path(run_dir), len(class_names), dev)
+    walk = probability_walk_for(cfg, Path(run_dir), dev)
     return SegPredictor.from_config(model, sc, dev, cfg.precision, weights, walk), class_names
 
 

@@ -118,7 +118,7 @@ def evaluate_segmentation(ctx: StageContext, eval_ds: WeakSegDataset, chosen_thr
     indices = masked_indices(eval_ds)
     if not indices:
         return {"skipped": f"split {split!r} has no pixel GT"}
-    predictor = predictor_for(ctx, load_seg_model(ctx, eval_ds.num_classes), eval_ds.num_classes)
+    predictor = predictor_for(ctx, load_seg_model(ctx, eval_ds.num_classes))
     generator = build_generator(ctx, load_classifier(ctx))
     size = cam_input_size(ctx)
     seg = ConfusionMatrix(eval_ds.num_classes, eval_ds.class_names)

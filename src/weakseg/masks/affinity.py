@@ -405,11 +405,11 @@ class ProbabilityWalk:
         return walked / walked.sum(0, keepdim=True).clamp_min(1e-12)
 
 
-def load_probability_walk(cfg, run_dir: Path, num_foreground: int, iterations: int,
-                          device: torch.device | str = "cpu") -> ProbabilityWalk:
+def load_probability_walk(cfg, run_dir: Path, iterations: int, device: torch.device | str = "cpu") -> ProbabilityWalk:
     """The walk of `run_dir`'s affinity head (masks/affinity.pt) on its classifier's features (train-cls/model.pt),
     with the masks stage's radius, beta and image size from `cfg` (a `PipelineCfg`)."""
     from weakseg.config import ConfigError
+    from weakseg.io import read_json
     from weakseg.runs import StageError, verify_outputs
     from weakseg.train.classifier import build_classifier
     from weakseg.train.loop import load_checkpoint
@@ -426,6 +426,12 @@ def load_probability_walk(cfg, run_dir: Path, num_foreground: int, iterations: i
             raise StageError(f"{run_dir / stage / product}: train_seg.infer_affinity_walk needs this file of a "
                              f"completed {stage} stage ({reason if not ok else 'missing'}); redo the run's {stage} "
                              "stage or set train_seg.infer_affinity_walk=0")
+    # the classifier's own classes (Pet's breeds), which need not be the segmentation's (pet / background)
+    try:
+        num_foreground = len(read_json(run_dir / "train-cls" / "data.json")["dataset"]["classes"]) - 1
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StageError(f"{run_dir / 'train-cls' / 'data.json'}: cannot read the classifier's classes ({e!r}); "
+                         "redo the run's train-cls stage or set train_seg.infer_affinity_walk=0") from e
     classifier = build_classifier(cfg, num_foreground, pretrained=False)
     classifier.load_state_dict(load_checkpoint(run_dir / "train-cls" / "model.pt")["model"])
     head, _ = load_affinity(run_dir / "masks" / "affinity.pt")

@@ -114,17 +114,17 @@ def load_seg_model(ctx: StageContext, num_classes: int) -> SegModel:
     return model.to(ctx.device).eval()
 
 
-def predictor_for(ctx: StageContext, model: SegModel, num_classes: int) -> SegPredictor:
+def predictor_for(ctx: StageContext, model: SegModel) -> SegPredictor:
     sc = ctx.cfg.train_seg
     weights = load_class_weights(ctx.upstream("train-seg"), sc.calibration)
-    walk = probability_walk_for(ctx.cfg, ctx.run_dir, num_classes, ctx.device)
+    walk = probability_walk_for(ctx.cfg, ctx.run_dir, ctx.device)
     return SegPredictor.from_config(model, sc, ctx.device, ctx.cfg.precision, weights, walk)
 
 
-def probability_walk_for(cfg, run_dir: Path, num_classes: int, device) -> ProbabilityWalk | None:
+def probability_walk_for(cfg, run_dir: Path, device) -> ProbabilityWalk | None:
     """`train_seg.infer_affinity_walk` of `run_dir` (its masks stage's affinity head), or None when it is 0."""
     steps = cfg.train_seg.infer_affinity_walk
-    return load_probability_walk(cfg, run_dir, num_classes - 1, steps, device) if steps else None
+    return load_probability_walk(cfg, run_dir, steps, device) if steps else None
 
 
 def relabel(ctx: StageContext, ds: WeakSegDataset, model_path: Path, indices: list[int], folder: Path,
@@ -141,7 +141,7 @@ def relabel(ctx: StageContext, ds: WeakSegDataset, model_path: Path, indices: li
     t0 = time.time()
     dist.barrier()  # model.pt is written by rank 0
     model = load_trained_seg_model(sc.model, ds.num_classes, model_path)
-    walk = probability_walk_for(ctx.cfg, ctx.run_dir, ds.num_classes, ctx.device)
+    walk = probability_walk_for(ctx.cfg, ctx.run_dir, ctx.device)
     predictor = SegPredictor.from_config(model, sc, ctx.device, ctx.cfg.precision, walk=walk)
     stems = [ds.ids[i] for i in indices]
     for k in tqdm(pending_shard(folder, stems, ".png"), desc=f"{ctx.stage} relabel {folder.name}",
