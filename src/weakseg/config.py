@@ -277,7 +277,7 @@ class SegTrainCfg:
     infer_crf_bilateral_compat: float = field(default=4.0, metadata=INFERENCE_ONLY)
     # steps of the masks stage's random walk applied to the model's probabilities before that CRF (evaluate and
     # predict, not in the ONNX export; needs masks.method affinity or affinity_crf, whose radius / beta / image size
-    # it uses, and the run's train-cls/model.pt and masks/affinity.pt); 0 = off
+    # it uses, and the run's train-cls/model.pt + data.json and masks/affinity.pt); 0 = off
     infer_affinity_walk: int = field(default=0, metadata=INFERENCE_ONLY)
     # worker processes running that CRF (single-threaded, most of evaluate's and predict's time on a CPU) while the
     # network runs on the next images on as many fewer torch threads; 0 = in-process. Same labels up to the network's
