@@ -79,7 +79,7 @@ def run_stages(cfg: PipelineCfg, stages: list[str], force: Optional[set[str]] = 
 def check_settings(cfg: PipelineCfg, stages: list[str]) -> None:
     """Refuse what the config alone shows to be wrong before any stage runs, not hours later when the stage that
     reads it starts. Limits that depend on a model (how many feature levels it has) are checked by its stage."""
-    from weakseg.masks.affinity import AFFINITY_MAKERS
+    from weakseg.masks.affinity import check_probability_walk
     from weakseg.masks.makers import build_mask_maker
     from weakseg.masks.stage import check_threshold_rule
 
@@ -90,11 +90,8 @@ def check_settings(cfg: PipelineCfg, stages: list[str]) -> None:
                                ("train-seg", "train_seg.frozen_encoder_levels", cfg.train_seg.frozen_encoder_levels)]:
         if stage in stages and levels < 0:
             raise ConfigError(f"{key}={levels}: the number of leading feature levels to freeze, 0 or more")
-    walk = cfg.train_seg.infer_affinity_walk
-    if {"train-seg", "evaluate"} & set(stages) and (walk < 0 or (walk and cfg.masks.method not in AFFINITY_MAKERS)):
-        raise ConfigError(f"train_seg.infer_affinity_walk={walk}: the steps of the random walk on the masks stage's "
-                          f"affinities at inference, 0 (off) or more, and only with masks.method "
-                          f"{' or '.join(AFFINITY_MAKERS)} (this run's: {cfg.masks.method})")
+    if {"train-seg", "evaluate"} & set(stages):  # the stages that predict with the trained model
+        check_probability_walk(cfg)
     folds, fold = cfg.train_seg.unseen_folds, cfg.train_seg.unseen_fold
     if "train-seg" in stages and (folds, fold) != (0, 0) and not 0 <= fold < folds:
         raise ConfigError(f"train_seg.unseen_folds={folds} / unseen_fold={fold}: the fold must lie in 0..folds-1 "

@@ -380,7 +380,17 @@ def walk_image(backbone: nn.Module, head: AffinityHead, image: np.ndarray, cams:
     return (walked / walked.max().clamp_min(1e-6)).cpu().numpy()
 
 
-AFFINITY_MAKERS = ("affinity", "affinity_crf")
+def check_probability_walk(cfg) -> None:
+    """`train_seg.infer_affinity_walk` of a `PipelineCfg`: 0 (off) or more steps, and only on a masks stage that
+    learns an affinity head."""
+    from weakseg.config import ConfigError
+    from weakseg.masks.makers import AFFINITY_MAKERS
+
+    steps, method = cfg.train_seg.infer_affinity_walk, cfg.masks.method
+    if steps < 0 or (steps and method not in AFFINITY_MAKERS):
+        raise ConfigError(f"train_seg.infer_affinity_walk={steps}: the steps of the random walk on the masks stage's "
+                          f"affinities at inference, 0 (off) or more, and only with masks.method "
+                          f"{' or '.join(AFFINITY_MAKERS)} (this run's: {method})")
 
 
 class ProbabilityWalk:
@@ -408,17 +418,12 @@ class ProbabilityWalk:
 def load_probability_walk(cfg, run_dir: Path, iterations: int, device: torch.device | str = "cpu") -> ProbabilityWalk:
     """The walk of `run_dir`'s affinity head (masks/affinity.pt) on its classifier's features (train-cls/model.pt),
     with the masks stage's radius, beta and image size from `cfg` (a `PipelineCfg`)."""
-    from weakseg.config import ConfigError
     from weakseg.io import read_json
     from weakseg.runs import StageError, verify_outputs
-    from weakseg.train.classifier import build_classifier
-    from weakseg.train.loop import load_checkpoint
+    from weakseg.train.classifier import load_trained_classifier
 
+    check_probability_walk(cfg)
     mc = cfg.masks
-    if mc.method not in AFFINITY_MAKERS:
-        raise ConfigError(f"train_seg.infer_affinity_walk={iterations} walks on the affinities the masks stage "
-                          f"learns, but masks.method={mc.method}; use one of {', '.join(AFFINITY_MAKERS)} or set "
-                          "train_seg.infer_affinity_walk=0")
     run_dir = Path(run_dir)
     for stage, product in (("train-cls", "model.pt"), ("masks", "affinity.pt")):
         ok, reason = verify_outputs(run_dir / stage)
@@ -432,8 +437,7 @@ def load_probability_walk(cfg, run_dir: Path, iterations: int, device: torch.dev
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise StageError(f"{run_dir / 'train-cls' / 'data.json'}: cannot read the classifier's classes ({e!r}); "
                          "redo the run's train-cls stage or set train_seg.infer_affinity_walk=0") from e
-    classifier = build_classifier(cfg, num_foreground, pretrained=False)
-    classifier.load_state_dict(load_checkpoint(run_dir / "train-cls" / "model.pt")["model"])
+    classifier = load_trained_classifier(cfg, num_foreground, run_dir / "train-cls" / "model.pt")
     head, _ = load_affinity(run_dir / "masks" / "affinity.pt")
     return ProbabilityWalk(classifier.backbone.to(device), head.to(device), mc.affinity_image_size, mc.affinity_radius,
                            mc.affinity_beta, iterations, device)

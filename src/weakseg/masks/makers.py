@@ -350,6 +350,8 @@ MAKERS: dict[str, Callable[[MaskCfg], MaskMaker]] = {
     "affinity": AffinityMaker,
     "affinity_crf": AffinityCrfMaker,
 }
+# the makers that learn an affinity head (masks/affinity.pt), which train_seg.infer_affinity_walk walks on
+AFFINITY_MAKERS = tuple(name for name, maker in MAKERS.items() if issubclass(maker, AffinityMaker))
 
 
 def build_mask_maker(cfg: MaskCfg) -> MaskMaker:

@@ -109,10 +109,14 @@ def load_cam_head(model, path: Path) -> int:
 def load_classifier(ctx: StageContext):
     """The trained classifier of this run (architecture from the config, weights from train-cls/model.pt)."""
     ds_classes = len(build_dataset(ctx.cfg.data, ctx.cfg.data.train_split).class_names) - 1
-    model = build_classifier(ctx, ds_classes, pretrained=False)
-    state = load_checkpoint(ctx.upstream("train-cls") / "model.pt")
-    model.load_state_dict(state["model"])
-    return model.to(ctx.device).eval()
+    return load_trained_classifier(ctx, ds_classes, ctx.upstream("train-cls") / "model.pt").to(ctx.device)
+
+
+def load_trained_classifier(ctx_or_cfg, num_foreground: int, path: Path):
+    """The classifier of the config with the weights of `path` (a train-cls model.pt), in eval mode."""
+    model = build_classifier(ctx_or_cfg, num_foreground, pretrained=False)
+    model.load_state_dict(load_checkpoint(path)["model"])
+    return model.eval()
 
 
 def run(ctx: StageContext) -> dict:
