@@ -177,15 +177,18 @@ def test_inference_crf_rescores_a_trained_run_and_predict_uses_it(tiny_cfg, tiny
         np.testing.assert_array_equal(labels["2"][name], want)
 
 
+# the masks stage's affinity head, tiny: what train_seg.infer_affinity_walk walks on
+TINY_AFFINITY = ["masks.method=affinity", "masks.affinity_epochs=1", "masks.affinity_image_size=64",
+                 "masks.affinity_radius=2", "masks.affinity_iterations=4"]
+
+
 @pytest.mark.parametrize("binary", [False, True])  # binary: the classifier's 5 classes, the segmentation's pet / bg
 def test_affinity_walk_rescores_a_trained_run_and_predict_uses_it(tiny_overrides, tmp_path, binary):
     from weakseg.data.imageio import read_image
     from weakseg.predict import load_predictor
     from weakseg.runs import StageError
 
-    affinity = tiny_overrides + ["masks.method=affinity", "masks.affinity_epochs=1", "masks.affinity_image_size=64",
-                                 "masks.affinity_radius=2", "masks.affinity_iterations=4",
-                                 f"data.binary_masks={str(binary).lower()}"]
+    affinity = tiny_overrides + TINY_AFFINITY + [f"data.binary_masks={str(binary).lower()}"]
     cfg = load_config(ROOT / "configs" / "demo.yaml", affinity)
     run_pipeline(cfg)
     plain, _ = load_predictor(cfg.run_dir, "cpu")
@@ -266,6 +269,33 @@ def test_self_training_relabels_with_the_models_own_gated_predictions_and_resume
     assert _statuses(run_pipeline(changed))["train-seg"] == "ran"
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert json.loads((seg_dir / "metrics.json").read_text())["self_training"] == rounds
+
+
+def test_self_training_relabels_through_the_affinity_walk_when_evaluate_walks(tiny_overrides):
+    from weakseg.data import seg_dataset
+    from weakseg.io import load_label_png
+    from weakseg.models.inference import SegPredictor, present_classes
+    from weakseg.train.segmentation import load_trained_seg_model, probability_walk_for
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + TINY_AFFINITY + [
+        "train_seg.infer_affinity_walk=8", "train_seg.self_training_rounds=1", "train_seg.self_training_confidence=0.5"])
+    run_pipeline(cfg)
+    seg_dir = cfg.run_dir / "train-seg"
+    ds = seg_dataset(cfg.data, cfg.data.train_split)
+    model = load_trained_seg_model(cfg.train_seg.model, ds.num_classes, seg_dir / "self_training" / "round0" / "model.pt")
+    walked = SegPredictor.from_config(model.eval(), cfg.train_seg, walk=probability_walk_for(cfg, cfg.run_dir, "cpu"))
+    plain = SegPredictor.from_config(model, cfg.train_seg)
+
+    def gated_labels(predictor, i):
+        confidence, labels = predictor.final_probabilities(ds.image(i), present_classes(ds.labels(i) > 0.5)).max(0)
+        return np.where(confidence.numpy() < 0.5, 255, labels.numpy()).astype(np.uint8)
+
+    walk_mattered = False
+    for i in range(len(ds)):
+        relabelled = load_label_png(seg_dir / "self_training" / "round1_masks" / f"{ds.ids[i]}.png")
+        np.testing.assert_array_equal(relabelled, gated_labels(walked, i))
+        walk_mattered |= not np.array_equal(relabelled, gated_labels(plain, i))
+    assert walk_mattered  # the walk changed some image's labels, so the equality above tells the two apart
 
 
 def test_a_later_self_training_round_can_fine_tune_the_previous_model_for_its_own_epochs(tiny_overrides, monkeypatch):
