@@ -225,6 +225,13 @@ def test_a_walk_without_an_affinity_head_or_with_negative_steps_is_refused_befor
     assert not (cfg.run_dir / "train-cls").exists()
 
 
+def expected_relabel(predictor, ds, i: int, confidence: float) -> np.ndarray:
+    """What a self-training relabel should write for image i: the predictor's labels over background + the image's
+    labelled classes, 255 where the top probability is below `confidence`."""
+    top, labels = predictor.final_probabilities(ds.image(i), np.concatenate([[True], ds.labels(i) > 0.5])).max(0)
+    return np.where(top.numpy() < confidence, 255, labels.numpy()).astype(np.uint8)
+
+
 def test_self_training_relabels_with_the_models_own_gated_predictions_and_resumes(tiny_cfg, tiny_overrides):
     import torch
 
@@ -256,9 +263,7 @@ def test_self_training_relabels_with_the_models_own_gated_predictions_and_resume
     for i in range(len(ds)):
         present = np.concatenate([[True], ds.labels(i) > 0.5])
         assert set(np.unique(pngs[ds.ids[i]])) - {255} <= set(np.flatnonzero(present))
-    confidence, labels = predictor.final_probabilities(ds.image(0), np.concatenate([[True], ds.labels(0) > 0.5])).max(0)
-    expected = np.where(confidence.numpy() < 0.5, 255, labels.numpy()).astype(np.uint8)
-    np.testing.assert_array_equal(pngs[ds.ids[0]], expected)
+    np.testing.assert_array_equal(pngs[ds.ids[0]], expected_relabel(predictor, ds, 0, confidence=0.5))
     final = load_checkpoint(seg_dir / "model.pt")["model"]
     assert any(not torch.equal(final[k], v) for k, v in model.state_dict().items())
 
@@ -274,7 +279,7 @@ def test_self_training_relabels_with_the_models_own_gated_predictions_and_resume
 def test_self_training_relabels_through_the_affinity_walk_when_evaluate_walks(tiny_overrides):
     from weakseg.data import seg_dataset
     from weakseg.io import load_label_png
-    from weakseg.models.inference import SegPredictor, present_classes
+    from weakseg.models.inference import SegPredictor
     from weakseg.train.segmentation import load_trained_seg_model, probability_walk_for
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides + TINY_AFFINITY + [
@@ -286,15 +291,11 @@ def test_self_training_relabels_through_the_affinity_walk_when_evaluate_walks(ti
     walked = SegPredictor.from_config(model.eval(), cfg.train_seg, walk=probability_walk_for(cfg, cfg.run_dir, "cpu"))
     plain = SegPredictor.from_config(model, cfg.train_seg)
 
-    def gated_labels(predictor, i):
-        confidence, labels = predictor.final_probabilities(ds.image(i), present_classes(ds.labels(i) > 0.5)).max(0)
-        return np.where(confidence.numpy() < 0.5, 255, labels.numpy()).astype(np.uint8)
-
     walk_mattered = False
     for i in range(len(ds)):
         relabelled = load_label_png(seg_dir / "self_training" / "round1_masks" / f"{ds.ids[i]}.png")
-        np.testing.assert_array_equal(relabelled, gated_labels(walked, i))
-        walk_mattered |= not np.array_equal(relabelled, gated_labels(plain, i))
+        np.testing.assert_array_equal(relabelled, expected_relabel(walked, ds, i, confidence=0.5))
+        walk_mattered |= not np.array_equal(relabelled, expected_relabel(plain, ds, i, confidence=0.5))
     assert walk_mattered  # the walk changed some image's labels, so the equality above tells the two apart
 
 
