@@ -88,6 +88,27 @@ def test_random_walk_fills_the_region_of_its_seed_and_stops_at_the_edge():
     assert random_walk(scores, weights, offsets, iterations=0) is scores
 
 
+def test_random_walk_equals_the_step_by_step_neighbour_average():
+    """Each step: v[p] <- sum over the disk of T[o, p] v[p + o], neighbours off the map skipped; checked against
+    that sum written out cell by cell on a map with edges, several classes and an odd shape."""
+    torch.manual_seed(0)
+    offsets = disk_offsets(2)
+    h, w = 5, 7
+    dist, inside = pair_distances(torch.rand(1, 3, h, w), offsets)
+    weights = transition_weights(dist[0], inside, beta=4.0)
+    scores = torch.rand(3, h, w)
+    expected = scores.clone()
+    for _ in range(3):
+        step = torch.zeros_like(expected)
+        for y in range(h):
+            for x in range(w):
+                for o, (dy, dx) in enumerate(offsets):
+                    if 0 <= y + dy < h and 0 <= x + dx < w:
+                        step[:, y, x] += weights[o, y, x] * expected[:, y + dy, x + dx]
+        expected = step
+    assert torch.allclose(random_walk(scores, weights, offsets, iterations=3), expected, atol=1e-6)
+
+
 def test_seeds_are_the_threshold_band_on_the_grid(tmp_path):
     cam = np.zeros((2, 8, 8), np.float32)
     cam[0, :, :2] = 0.9   # class 4: confident

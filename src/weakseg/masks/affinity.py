@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -125,21 +126,42 @@ def transition_weights(dist: torch.Tensor, inside: torch.Tensor, beta: float) ->
     return torch.softmax(log_w, dim=0)
 
 
+def transition_matrix(weights: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """weights T (O, h, w) from `transition_weights` -> the same T as a sparse CSR matrix (h*w, h*w).
+
+    Row p holds T[o, p] at column p + o for the neighbours on the map (off the map they weigh 0 anyway).
+    """
+    o, h, w = weights.shape
+    device = weights.device
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    dy = torch.tensor([d for d, _ in offsets], device=device)[:, None, None]
+    dx = torch.tensor([d for _, d in offsets], device=device)[:, None, None]
+    to_y, to_x = ys + dy, xs + dx  # (O, h, w)
+    on_map = (to_y >= 0) & (to_y < h) & (to_x >= 0) & (to_x < w)
+    rows = (ys * w + xs).expand(o, h, w)[on_map]
+    cols = (to_y * w + to_x)[on_map]
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), weights[on_map], (h * w, h * w),
+                                  check_invariants=False).coalesce()
+    with warnings.catch_warnings():  # CSR is "beta" in torch; its matmul is what makes the walk cheap
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return coo.to_sparse_csr()
+
+
 def random_walk(scores: torch.Tensor, weights: torch.Tensor, offsets: Sequence[tuple[int, int]],
                 iterations: int) -> torch.Tensor:
-    """scores (K, h, w), weights T (O, h, w) from `transition_weights` -> T^iterations applied to scores."""
+    """scores (K, h, w), weights T (O, h, w) from `transition_weights` -> T^iterations applied to scores.
+
+    Each step is one sparse product with `transition_matrix`: on a 40 x 40 grid, 16 steps, radius 5, 2.2 x
+    faster than gathering each cell's neighbours per step with 4 maps and 11 x with 21 (`bench.random_walk`).
+    """
     if scores.shape[0] == 0 or iterations <= 0:
         return scores
-    radius = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
-    side = 2 * radius + 1
-    index = torch.tensor([(dy + radius) * side + (dx + radius) for dy, dx in offsets], device=scores.device)
     k, (h, w) = scores.shape[0], scores.shape[-2:]
-    flat_weights = weights.reshape(1, len(offsets), h * w)
-    v = scores
+    matrix = transition_matrix(weights, offsets)
+    v = scores.reshape(k, h * w).T.contiguous()  # (h*w, K)
     for _ in range(iterations):
-        patches = F.unfold(v[:, None], kernel_size=side, padding=radius)  # (K, side^2, h*w): v[p + o]
-        v = (patches[:, index] * flat_weights).sum(dim=1).reshape(k, h, w)
-    return v
+        v = matrix @ v
+    return v.T.reshape(k, h, w)
 
 
 class AffinitySeeds(torch.utils.data.Dataset):
