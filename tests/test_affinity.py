@@ -107,6 +107,8 @@ def test_random_walk_equals_the_step_by_step_neighbour_average():
                         step[:, y, x] += weights[o, y, x] * expected[:, y + dy, x + dx]
         expected = step
     assert torch.allclose(random_walk(scores, weights, offsets, iterations=3), expected, atol=1e-6)
+    mixed = random_walk(scores, weights.bfloat16(), offsets, iterations=3)  # weights from a bf16 autocast head
+    assert mixed.dtype == torch.float32 and torch.allclose(mixed, expected, atol=2e-2)
 
 
 def test_seeds_are_the_threshold_band_on_the_grid(tmp_path):

@@ -157,11 +157,12 @@ def random_walk(scores: torch.Tensor, weights: torch.Tensor, offsets: Sequence[t
     if scores.shape[0] == 0 or iterations <= 0:
         return scores
     k, (h, w) = scores.shape[0], scores.shape[-2:]
-    matrix = transition_matrix(weights, offsets)
-    v = scores.reshape(k, h * w).T.contiguous()  # (h*w, K)
+    dtype = torch.promote_types(scores.dtype, weights.dtype)  # e.g. bf16 weights from an autocast head
+    matrix = transition_matrix(weights.float(), offsets)  # the sparse product wants one dtype: walk in fp32
+    v = scores.float().reshape(k, h * w).T.contiguous()  # (h*w, K)
     for _ in range(iterations):
         v = matrix @ v
-    return v.T.reshape(k, h, w)
+    return v.T.reshape(k, h, w).to(dtype)
 
 
 class AffinitySeeds(torch.utils.data.Dataset):
