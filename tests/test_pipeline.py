@@ -228,7 +228,9 @@ def test_a_walk_without_an_affinity_head_or_with_negative_steps_is_refused_befor
 def expected_relabel(predictor, ds, i: int, confidence: float) -> np.ndarray:
     """What a self-training relabel should write for image i: the predictor's labels over background + the image's
     labelled classes, 255 where the top probability is below `confidence`."""
-    top, labels = predictor.final_probabilities(ds.image(i), np.concatenate([[True], ds.labels(i) > 0.5])).max(0)
+    from weakseg.models.inference import present_classes
+
+    top, labels = predictor.final_probabilities(ds.image(i), present_classes(ds.labels(i) > 0.5)).max(0)
     return np.where(top.numpy() < confidence, 255, labels.numpy()).astype(np.uint8)
 
 
@@ -237,7 +239,7 @@ def test_self_training_relabels_with_the_models_own_gated_predictions_and_resume
 
     from weakseg.data import seg_dataset
     from weakseg.io import load_label_png
-    from weakseg.models.inference import SegPredictor
+    from weakseg.models.inference import SegPredictor, present_classes
     from weakseg.models.segmentation import build_seg_model
     from weakseg.train.loop import load_checkpoint
 
@@ -261,7 +263,7 @@ def test_self_training_relabels_with_the_models_own_gated_predictions_and_resume
     model.load_state_dict(load_checkpoint(seg_dir / "self_training" / "round0" / "model.pt")["model"])
     predictor = SegPredictor.from_config(model.eval(), changed.train_seg)
     for i in range(len(ds)):
-        present = np.concatenate([[True], ds.labels(i) > 0.5])
+        present = present_classes(ds.labels(i) > 0.5)
         assert set(np.unique(pngs[ds.ids[i]])) - {255} <= set(np.flatnonzero(present))
     np.testing.assert_array_equal(pngs[ds.ids[0]], expected_relabel(predictor, ds, 0, confidence=0.5))
     final = load_checkpoint(seg_dir / "model.pt")["model"]
